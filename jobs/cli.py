@@ -1,0 +1,180 @@
+"""The `ivl` command line: one sub-command per job (DESIGN.md, "Command line").
+
+Jobs parse flags, start Ray and call library code; the logic lives in pipeline/, operators/, train/.
+Exit status: 0 done; 2 with one clear line on bad configuration or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.io import DEFAULT_ROWS_PER_SHARD
+
+
+class UsageError(Exception):
+    """Bad configuration or input, reported as one line."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: an embedded local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded local Ray")
+
+
+def _done(summary_path: str, summary: dict, keys=("input", "kept", "rejected", "review")) -> None:
+    counts = ", ".join(f"{k} {summary[k]}" for k in keys if k in summary)
+    print(f"{counts}\nreport: {summary_path}")
+
+
+def cmd_ingest(a) -> None:
+    from pipeline.ingest import run_ingest
+    from pipeline.session import ray_session
+
+    with ray_session(a.address, a.num_cpus):
+        s = run_ingest(a.src, a.out, fmt=a.format, image_root=a.image_root, rows_per_shard=a.rows_per_shard)
+    _done(os.path.join(a.out, "report", "summary.json"), s)
+
+
+def cmd_curate(a) -> None:
+    from pipeline.curate import load_curate_config, run_curate
+    from pipeline.session import ray_session
+
+    cfg = load_curate_config(a.config)  # bad config fails here, before Ray starts
+    with ray_session(a.address, a.num_cpus):
+        s = run_curate(a.inp, a.out, cfg, rows_per_shard=a.rows_per_shard, fmt=a.format)
+    _done(os.path.join(a.out, "report", "summary.json"), s)
+
+
+def cmd_pack(a) -> None:
+    from pipeline.pack_job import run_pack
+    from pipeline.session import ray_session
+
+    with ray_session(a.address, a.num_cpus):
+        s = run_pack(a.inp, a.out, a.tokenizer, max_tokens=a.max_tokens, max_tiles=a.max_tiles,
+                     buffer_size=a.buffer_size, mode=a.mode, seed=a.seed)
+    _done(os.path.join(a.out, "report", "summary.json"), s, ("samples", "packs", "token_fill", "rejected"))
+
+
+def cmd_train(a) -> None:
+    from train.launcher import run_train
+
+    s = run_train(stage=a.stage, data=a.data, model=a.model, out=a.out, resume=a.resume, workers=a.workers,
+                  use_gpu=a.gpu, config=a.config, max_steps=a.max_steps, address=a.address)
+    print(f"trained: {json.dumps(s, default=str)[:300]}\ncheckpoint: {a.out}")
+
+
+def cmd_fasttext_train(a) -> None:
+    from operators.fasttext_ops import label_rows_from_dirs, train_quality_classifier
+
+    texts, labels = label_rows_from_dirs(a.inp, a.label_column)
+    path = train_quality_classifier(texts, labels, a.out, epoch=a.epoch)
+    print(f"trained on {len(texts)} rows: {path}")
+
+
+def cmd_demo(a) -> None:
+    from jobs.demo import run_demo
+
+    run_demo(a.out, address=a.address, steps=a.steps)
+
+
+def cmd_submit(a) -> None:
+    from jobs.submit import submit
+
+    sys.exit(submit(a.command, address=a.address, wait=not a.no_wait))
+
+
+def cmd_jobs(a) -> None:
+    from jobs.submit import jobs_command
+
+    jobs_command(a.action, a.job_id, address=a.address)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ivl", description="InternVL 2.5 data pipeline on Ray")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("ingest", help="raw sources -> canonical shards")
+    p.add_argument("src", nargs="+", help="InternVL meta .json, .jsonl, WebDataset .tar, .parquet, or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")
+    p.add_argument("--image-root", default=None, help="image folder for bare .jsonl sources")
+    p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
+    _add_common(p)
+    p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("curate", help="filters -> kept/ rejected/ review/")
+    p.add_argument("--in", dest="inp", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="YAML (default: jobs/configs/curate.yaml)")
+    p.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")
+    p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
+    _add_common(p)
+    p.set_defaults(fn=cmd_curate)
+
+    p = sub.add_parser("pack", help="tokenize and pack under token/tile budgets")
+    p.add_argument("--in", dest="inp", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder, hub name or .gguf file")
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--max-tiles", type=int, default=48)
+    p.add_argument("--buffer-size", type=int, default=None)
+    p.add_argument("--mode", choices=["ivl", "internvl"], default="ivl")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(fn=cmd_pack)
+
+    p = sub.add_parser("train", help="one InternVL 2.5 stage on packed shards (Ray Train)")
+    p.add_argument("--stage", required=True, choices=["1", "1.5", "2"])
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help="checkpoint folder or preset (tiny, 1b)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--config", default=None, help="YAML overriding the stage preset")
+    p.add_argument("--max-steps", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("fasttext-train", help="train a fastText quality classifier from labelled shards")
+    p.add_argument("--in", dest="inp", required=True, help="a curate OUT (kept vs rejected) or shards")
+    p.add_argument("--label-column", required=True, help="column whose values are labels, or _split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epoch", type=int, default=10)
+    p.set_defaults(fn=cmd_fasttext_train)
+
+    p = sub.add_parser("demo", help="the whole chain on the bundled sample")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--steps", type=int, default=3, help="stage-1 training steps")
+    p.add_argument("--address", default=None)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("submit", help="run an ivl command as a Ray job on a cluster")
+    p.add_argument("--address", default=None, help="dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- ivl <job> ...")
+    p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list Ray jobs, or show one's status/logs, or stop it")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", default=None)
+    p.set_defaults(fn=cmd_jobs)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        # pipeline.readers.ConfigError and pydantic's ValidationError are ValueErrors
+        msg = str(e).strip().splitlines()
+        print(f"ivl {args.cmd}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The operator contract: a plain class with `setup()` and a call over a pyarrow.Table.
+
+An operator never starts Ray, parses flags or writes files (DESIGN.md). It returns a `Verdict`:
+per row a decision (KEEP / REVIEW / REJECT), the rule that fired (the runner prefixes the operator
+name, giving `reject_reason = "<operator>:<rule>"`), and score columns to keep on every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+KEEP, REVIEW, REJECT = 0, 1, 2
+
+
+@dataclass
+class Verdict:
+    decision: np.ndarray  # int8 per row: KEEP, REVIEW or REJECT
+    rule: list[str]  # per row: the rule that fired ("" when kept)
+    columns: dict[str, Any] = field(default_factory=dict)  # added columns, e.g. score_<name>, lang
+
+    @classmethod
+    def keep_all(cls, n: int, columns: dict[str, Any] | None = None) -> Verdict:
+        return cls(np.zeros(n, dtype=np.int8), [""] * n, columns or {})
+
+    def flag(self, row: int, rule: str, decision: int) -> None:
+        """Record a hit; the strongest decision wins and the first rule at that strength is kept."""
+        if decision > self.decision[row]:
+            self.decision[row] = decision
+            self.rule[row] = rule
+
+
+class Operator:
+    """Base class. Subclasses set `name`, declare `Params` (a pydantic model) and implement `__call__`."""
+
+    name: ClassVar[str] = "operator"
+    needs_model: ClassVar[bool] = False  # True: the runner uses an actor pool and calls setup() once
+    num_gpus: ClassVar[float] = 0.0
+
+    def setup(self) -> None:  # load models once per worker
+        pass
+
+    def __call__(self, table: pa.Table) -> Verdict:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Operator]] = {}
+
+
+def register(cls: type[Operator]) -> type[Operator]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def conversation_texts(table: pa.Table, which: str = "gpt") -> list[str]:
+    """Per row, the text of the chosen turns joined by newlines: which = gpt | human | all."""
+    out = []
+    for conv in table.column("conversations").to_pylist():
+        turns = conv or []
+        if which == "all":
+            parts = [t["value"] or "" for t in turns]
+        else:
+            parts = [t["value"] or "" for t in turns if t["from"] == which]
+        out.append("\n".join(parts))
+    return out
+
+
+def build_operator(spec: dict) -> Operator:
+    """Build one operator from a YAML stage: `{op: <name>, <param>: <value>, ...}`.
+
+    Operator classes validate their own keyword arguments (a nested pydantic `Params` model with
+    extra="forbid"), so a misspelt threshold fails at start with one clear line."""
+    spec = dict(spec)
+    name = spec.pop("op", None)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**spec)

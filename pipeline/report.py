@@ -1,0 +1,90 @@
+"""Accounting and reports: merge per-shard counts, check nothing was lost, write summary.json and PNGs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SPLITS = ("kept", "rejected", "review")
+
+
+class AccountingError(RuntimeError):
+    """Some input rows did not land in exactly one of kept/rejected/review."""
+
+
+def merge_counts(markers: list[dict], splits=SPLITS[:2]) -> dict:
+    """Sum shard markers: {input, <split>..., reasons, sources: {src: {input, <split>...}}}."""
+    total = {"input": 0, **{s: 0 for s in splits}}
+    reasons: Counter = Counter()
+    sources: dict[str, Counter] = {}
+    for m in markers:
+        total["input"] += m["input"]
+        for s in splits:
+            total[s] += m.get(s, 0)
+        reasons.update(m.get("reasons", {}))
+        for src, c in m.get("sources", {}).items():
+            sources.setdefault(src, Counter()).update(c)
+    total["reasons"] = dict(sorted(reasons.items()))
+    total["sources"] = {k: dict(v) for k, v in sorted(sources.items())}
+    return total
+
+
+def check_accounting(summary: dict, splits=SPLITS[:2]) -> None:
+    out = sum(summary[s] for s in splits)
+    if summary["input"] != out:
+        raise AccountingError(f"{summary['input']} rows in but {out} accounted for ({', '.join(splits)})")
+    for src, c in summary.get("sources", {}).items():
+        if c.get("input", 0) != sum(c.get(s, 0) for s in splits):
+            raise AccountingError(f"source {src}: {c}")
+
+
+def write_summary(out_dir: str, summary: dict) -> str:
+    path = os.path.join(out_dir, "report", "summary.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return path
+
+
+def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "rows") -> str | None:
+    """A horizontal bar chart (largest first); nothing is drawn for an empty dict."""
+    if not counts:
+        return None
+    items = sorted(counts.items(), key=lambda kv: kv[1])[-40:]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(items) + 1.2))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    for i, (_, v) in enumerate(items):
+        ax.text(v, i, f" {v:g}", va="center", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def histogram(values, path: str, title: str, thresholds: list[float] | None = None, bins: int = 40) -> str | None:
+    """A histogram with dashed lines at the thresholds, so a person sees what a cut removes."""
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=bins, color="#55a868")
+    for t in thresholds or []:
+        ax.axvline(t, color="#c44e52", linestyle="--", label=f"threshold {t:g}")
+    if thresholds:
+        ax.legend()
+    ax.set_title(title)
+    ax.set_ylabel("rows")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
