@@ -46,6 +46,10 @@ class Operator:
     def __call__(self, table: pa.Table) -> Verdict:
         raise NotImplementedError
 
+    def thresholds(self) -> dict[str, list[float]]:
+        """Score column -> the values this operator cuts at, for the report's histograms."""
+        return {}
+
 
 REGISTRY: dict[str, type[Operator]] = {}
 
