@@ -1,0 +1,42 @@
+"""Shared fixtures: the bundled sample, a real local Ray for the whole session, helpers to read shards."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def sample_meta() -> str:
+    return str(SAMPLE / "meta.json")
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[str]:
+    """Real Tux Paint stamps shipped with the sample (GPL-2, see data/sample/SOURCES.md)."""
+    return sorted(p for p in glob.glob(str(SAMPLE / "images" / "**" / "*.png"), recursive=True) if "broken" not in p)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray (2 CPUs) for every test that needs it."""
+    import ray
+
+    os.environ.setdefault("IVL_PROGRESS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+
+
+def read_rows(folder) -> list[dict]:
+    """All rows of the Parquet shards under a folder, in file-name order."""
+    files = sorted(glob.glob(os.path.join(str(folder), "**", "*.parquet"), recursive=True))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]

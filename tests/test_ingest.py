@@ -1,0 +1,103 @@
+"""`ivl ingest` as a Ray job: accounting, deterministic resumable output, WebDataset, bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+from conftest import read_rows
+from helpers import conv, tree_bytes, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.ingest import ingest_task, run_ingest
+from pipeline.io import read_canonical
+from pipeline.readers import entries_from_sources, plan_tasks
+from pipeline.report import check_accounting, merge_counts
+from pipeline.schema import validate_table
+
+
+def test_ingest_sample_accounts_for_every_line(ray_local, sample_meta, tmp_path):
+    out = tmp_path / "out"
+    s = run_ingest([sample_meta], str(out), rows_per_shard=16)
+    kept, rejected = read_rows(out / "kept"), read_rows(out / "rejected")
+    assert s["input"] == s["kept"] + s["rejected"] == len(kept) + len(rejected)
+    assert s["rejected"] == 7 and all(r["reject_reason"].startswith("ingest:") for r in rejected)
+    assert s["sources"]["tuxpaint_caption_zh"]["input"] == 30  # repeat_time 2
+    assert s["sources"]["tang_poems"]["input"] == 6  # repeat_time 0.5
+    assert validate_table(pa.Table.from_pylist(kept)) == []
+    assert json.load(open(out / "report" / "summary.json"))["kept"] == len(kept)
+    assert (out / "report" / "rejected_by_reason.png").stat().st_size > 1000
+
+
+def test_killed_ingest_resumes_to_identical_files(ray_local, sample_meta, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_ingest([sample_meta], str(full), rows_per_shard=8)
+    run_ingest([sample_meta], str(part), rows_per_shard=8)
+    # simulate a kill: drop the markers of half the shards, and leave one half-written temp file
+    done = sorted(os.listdir(part / "_done"))
+    for name in done[::2]:
+        os.remove(part / "_done" / name)
+    (part / "kept" / ".tmp-123-x.parquet").write_bytes(b"partial")
+    s = run_ingest([sample_meta], str(part), rows_per_shard=8)
+    assert s["resumed_shards"] == len(done) - len(done[::2])
+    os.remove(part / "kept" / ".tmp-123-x.parquet")
+    a, b = tree_bytes(full), tree_bytes(part)
+    a.pop("report/summary.json"), b.pop("report/summary.json")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_webdataset_output_round_trips(ray_local, sample_meta, tmp_path):
+    pq_out, wds_out = tmp_path / "pq", tmp_path / "wds"
+    run_ingest([sample_meta], str(pq_out))
+    run_ingest([sample_meta], str(wds_out), fmt="webdataset")
+    tars = sorted((wds_out / "kept").glob("*.tar"))
+    assert tars
+    rows = [r for t in tars for r in read_canonical(str(t)).to_pylist()]
+    assert rows == read_rows(pq_out / "kept")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["good", "text", "bad_json", "missing", "mismatch", "empty", "role", "blank"]),
+                min_size=0, max_size=30), st.integers(1, 7))
+def test_accounting_invariant(tmp_path_factory, sample_images, kinds, rows_per_shard):
+    d = tmp_path_factory.mktemp("acc")
+    shutil.copy(sample_images[0], d / "a.png")
+    make = {
+        "good": {"image": "a.png", "conversations": conv()},
+        "text": {"conversations": conv("Hello?", "Hello to you.")},
+        "bad_json": '{"conversations": [',
+        "missing": {"image": "zz.png", "conversations": conv()},
+        "mismatch": {"image": ["a.png", "a.png"], "conversations": conv()},
+        "empty": {"conversations": []},
+        "role": {"conversations": [{"from": "bot", "value": "x"}]},
+        "blank": "   ",
+    }
+    write_jsonl(d / "x.jsonl", [make[k] for k in kinds])
+    out = d / "out"
+    markers = [ingest_task(t, str(out), "parquet", rows_per_shard)
+               for t in plan_tasks(entries_from_sources([str(d / "x.jsonl")]), rows_per_shard)]
+    from pipeline.io import read_marker
+
+    s = merge_counts([read_marker(str(out), m["key"]) for m in markers])
+    check_accounting(s)
+    non_blank = [k for k in kinds if k != "blank"]
+    assert s["input"] == len(non_blank)
+    assert s["kept"] == sum(k in ("good", "text") for k in non_blank)
+    kept = read_rows(out / "kept") if (out / "kept").exists() else []
+    rejected = read_rows(out / "rejected") if (out / "rejected").exists() else []
+    assert len(kept) + len(rejected) == s["input"]
+    assert len({r["id"] for r in kept + rejected}) == s["input"]
+
+
+def test_cli_bad_config_is_one_clear_line(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"s": {"annotation": "nope.jsonl"}}))
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "ingest", str(tmp_path / "m.json"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "annotation" in p.stderr and "not found" in p.stderr
+    assert not (tmp_path / "o").exists()  # failed before any work

@@ -1,0 +1,88 @@
+"""A real `ray start --head` cluster with token auth: `ivl submit`, the dashboard's job API, `ivl jobs`."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head --block` in its own process group on 127.0.0.1, token auth on; torn down after."""
+    d = tmp_path_factory.mktemp("cluster")
+    token = secrets.token_hex(32)
+    (d / "token").write_text(token)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(d / "token")}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--temp-dir", str(d / "ray"), "--disable-usage-stats"],
+        env=env, cwd=d, stdout=open(d / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(req, timeout=2)
+            break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("ray start did not come up:\n" + (d / "ray.log").read_text()[-2000:])
+    yield {"url": url, "env": env, "token": token, "dir": d}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def api(cluster, path, token=True):
+    headers = {"Authorization": f"Bearer {cluster['token']}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(cluster["url"] + path, headers=headers), timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_submit_ingest_to_a_token_auth_cluster(cluster, sample_meta, tmp_path):
+    out = tmp_path / "ing"
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}  # ivl submit turns it on itself
+    p = subprocess.run([str(BIN / "ivl"), "submit", "--address", cluster["url"], "--",
+                        "ivl", "ingest", sample_meta, "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "SUCCEEDED" in p.stdout and "report:" in p.stdout  # the job's own logs were streamed
+    assert cluster["token"] not in p.stdout + p.stderr  # never print the token
+    sub_id = next(w for w in p.stdout.split() if w.startswith("ivl-ingest-"))
+    jobs = api(cluster, "/api/jobs/")
+    mine = [j for j in jobs if j.get("submission_id") == sub_id]
+    assert mine and mine[0]["status"] == "SUCCEEDED"
+    assert json.load(open(out / "report" / "summary.json"))["input"] == 117
+    listing = subprocess.run([str(BIN / "ivl"), "jobs", "--address", cluster["url"]], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert sub_id in listing.stdout and "SUCCEEDED" in listing.stdout
+    with pytest.raises(urllib.error.HTTPError) as e:  # and the cluster refuses anyone without the token
+        api(cluster, "/api/jobs/", token=False)
+    assert e.value.code in (401, 403)
