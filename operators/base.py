@@ -72,13 +72,28 @@ def conversation_texts(table: pa.Table, which: str = "gpt") -> list[str]:
     return out
 
 
+def resolve_operator(name: str) -> type[Operator]:
+    """A registered name (`text_rules`) or a plugin given as `package.module:ClassName`."""
+    if isinstance(name, str) and ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import operator {name!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise ValueError(f"{name!r} is not an Operator subclass")
+        return cls
+    if name not in REGISTRY:
+        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
 def build_operator(spec: dict) -> Operator:
-    """Build one operator from a YAML stage: `{op: <name>, <param>: <value>, ...}`.
+    """Build one operator from a YAML stage: `{op: <name or module:Class>, <param>: <value>, ...}`.
 
     Operator classes validate their own keyword arguments (a nested pydantic `Params` model with
     extra="forbid"), so a misspelt threshold fails at start with one clear line."""
     spec = dict(spec)
-    name = spec.pop("op", None)
-    if name not in REGISTRY:
-        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**spec)
+    return resolve_operator(spec.pop("op", None))(**spec)

@@ -24,7 +24,7 @@ import ray
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from operators.base import KEEP, REGISTRY, REJECT, REVIEW, Operator, build_operator
+from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator, resolve_operator
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
     list_input_shards,
@@ -48,7 +48,8 @@ class CurateConfig(BaseModel):
     """A curate job: operator stages in order, then optional global dedup."""
 
     model_config = ConfigDict(extra="forbid")
-    stages: list[dict[str, Any]] = Field(default_factory=list, description="[{op: name, name?: label, ...params}]")
+    stages: list[dict[str, Any]] = Field(
+        default_factory=list, description="[{op: name or module:Class, name?: label, ...params}]")
     dedup: dict[str, Any] | None = Field(None, description="global dedup settings (pipeline.dedup_stage.DedupConfig)")
     batch_size: int = Field(256, description="rows per map_batches call")
     actors: int = Field(1, description="actor pool size for operators that hold a model")
@@ -107,7 +108,7 @@ def _op_spec(spec: dict) -> dict:
 
 
 def _stage_name(spec: dict) -> str:
-    return spec.get("name") or spec["op"]
+    return spec.get("name") or str(spec["op"]).rpartition(":")[2]
 
 
 # ---- applying one operator to a batch -------------------------------------------------------------
@@ -182,7 +183,7 @@ def _run_stateless(table: pa.Table, spec: dict) -> pa.Table:
 def add_stages(ds: ray.data.Dataset, cfg: CurateConfig) -> ray.data.Dataset:
     load_operators()
     for spec in cfg.stages:
-        cls = REGISTRY[spec["op"]]
+        cls = resolve_operator(spec["op"])
         if cls.needs_model:
             ds = ds.map_batches(_OperatorActor, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.batch_size,
                                 batch_format="pyarrow", concurrency=cfg.actors, num_gpus=cls.num_gpus or None)
@@ -281,7 +282,8 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
         ds = ray.data.from_items([{"path": f} for f in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_load_shard, fn_kwargs={"keys": keys}, batch_size=1, batch_format="pyarrow")
         ds = add_stages(ds, cfg)
-        ds.groupby("_shard").map_groups(
+        # one hash partition per input shard (at most 200): each group is written by one task
+        ds.groupby("_shard", num_partitions=min(len(todo), 200)).map_groups(
             _write_group, fn_kwargs=dict(out_dir=out_dir, fmt=fmt, rows_per_shard=rows_per_shard, staged=staged),
             batch_format="pyarrow").materialize()
     dedup_stats = _dedup_and_route(out_dir, [keys[f] for f in files], cfg, fmt, rows_per_shard) if staged else None

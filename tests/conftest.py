@@ -31,7 +31,10 @@ def ray_local():
 
     os.environ.setdefault("IVL_PROGRESS", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # workers import test-defined operator plugins (`test_module:Class`) from tests/
+        path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
 

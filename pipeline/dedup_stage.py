@@ -1,0 +1,466 @@
+"""Global dedup stage on Ray Data: exact, MinHash near-duplicate and (optional) image near-duplicate.
+
+`dedup_dataset(ds, cfg)` returns the same rows with two string columns added: `dedup_rule`
+("" | "exact" | "minhash" | "image") and `dup_of` (the id of the row kept in its cluster; "" for
+kept rows). The stages nest: exact groups first, MinHash among one representative per exact group,
+images among the text survivors; a row's rule is the first stage that removed it and its `dup_of`
+is the final survivor of its cluster, so `dup_of` always names a kept row.
+
+Bounded memory: per-row work (hashes, signatures) runs in `map_batches`; every global step is a hash
+shuffle into `P` partitions (`groupby("_part", num_partitions=P).map_groups`), P chosen so a
+partition holds about `rows_per_partition` rows, and works on one partition at a time with the
+vectorised pyarrow functions of operators/dedup/components.py. No step holds all signatures or all
+edges: candidate pairs come from band buckets (star edges to the bucket's smallest id), are verified
+by estimated Jaccard through two shuffle joins with the signatures, and connected components run as
+distributed large-star/small-star rounds (or one union-find when the edge count is under
+`local_components_max_edges`). Results depend only on the rows, never on block layout, so they
+are the same with any number of workers and any input order.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.base import conversation_texts
+from operators.dedup import components as cc
+from operators.dedup.exact import content_hashes
+from operators.dedup.image import band_values, hamming, near_pairs, phash
+from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
+from operators.dedup.minhash import MinHasher
+
+
+class DedupConfig(BaseModel):
+    """Global dedup stage of `ivl curate` (YAML key `dedup`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exact: bool = Field(True, description="remove rows whose normalised text + image bytes hash equal")
+    minhash: bool = Field(True, description="remove near-duplicate texts (MinHash LSH)")
+    threshold: float = Field(0.7, gt=0, lt=1, description="Jaccard threshold on word n-gram shingles")
+    num_perm: int = Field(128, ge=2, description="MinHash permutations")
+    ngram: int = Field(5, ge=1, description="tokens per shingle (words; CJK characters count one each)")
+    seed: int = Field(1, description="MinHash permutation seed (datasketch's default 1)")
+    hash: Literal["fast", "sha1"] = Field("fast", description="shingle hash: fast (numpy) or sha1 (datasketch)")
+    false_positive_weight: float = Field(0.5, description="LSH band choice weight (datasketch)")
+    false_negative_weight: float = Field(0.5, description="LSH band choice weight (datasketch)")
+    keep: Literal["lowest_id", "highest_score"] = Field("lowest_id", description="survivor of a cluster")
+    score_column: str | None = Field(None, description="column ranked by keep=highest_score, e.g. score_llm")
+    image: bool = Field(False, description="also remove rows whose images are near-duplicates (pHash)")
+    image_max_hamming: int = Field(4, ge=0, le=15, description="max differing pHash bits per image")
+    rows_per_partition: int = Field(250_000, ge=1, description="rows per shuffle partition (memory per task)")
+    local_components_max_edges: int = Field(
+        0, ge=0, description="verified edges up to which one process runs union-find (0: always distributed)"
+    )
+    max_rounds: int = Field(40, ge=1, description="cap on large-star/small-star rounds")
+
+    @model_validator(mode="after")
+    def _score_needed(self) -> DedupConfig:
+        if self.keep == "highest_score" and not self.score_column:
+            raise ValueError("keep=highest_score needs score_column")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row keys (map_batches) and the schemas of the intermediate datasets
+
+_S = pa.string()
+EDGES = pa.schema([("u", _S), ("v", _S)])
+SURVIVORS = pa.schema([("id", _S), ("survivor", _S)])
+MEMBERS = pa.schema([("id", _S), ("group", _S)])
+SCORES = pa.schema([("id", _S), ("score", pa.float64())])
+LATER = pa.schema([("lid", _S), ("final", _S)])
+GONE = pa.schema([("rid", _S), ("gone", pa.bool_())])
+DECISIONS = pa.schema([("id", _S), ("dedup_rule", _S), ("dup_of", _S)])
+
+
+def _key_schema(cfg: DedupConfig) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", _S),
+            ("score", pa.float64()),
+            ("ehash", pa.binary(16)),
+            ("sig", pa.binary(4 * cfg.num_perm)),
+            ("has_sh", pa.bool_()),
+            ("phash", pa.list_(pa.uint64())),
+        ]
+    )
+
+
+@lru_cache(maxsize=4)
+def _hasher(num_perm: int, seed: int, ngram: int, hash: str) -> MinHasher:
+    return MinHasher(num_perm=num_perm, seed=seed, ngram=ngram, hash=hash)
+
+
+def _sig_array(sig: np.ndarray) -> pa.Array:
+    n, k = sig.shape
+    buf = pa.py_buffer(np.ascontiguousarray(sig, dtype=np.uint32).tobytes())
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * k), n, [None, buf])
+
+
+def _sig_matrix(col: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, num_perm), dtype=np.uint32)
+    arr = arr.cast(pa.binary(4 * num_perm))
+    raw = np.frombuffer(arr.buffers()[1], dtype=np.uint32)
+    return raw[arr.offset * num_perm : (arr.offset + len(arr)) * num_perm].reshape(len(arr), num_perm)
+
+
+def _phashes(images: list[bytes] | None) -> list[int]:
+    try:
+        return [phash(b) for b in images or []]
+    except Exception:  # an image PIL cannot decode takes its row out of image dedup, never the job down
+        return []
+
+
+def _row_keys(batch: pa.Table, cfg: dict) -> pa.Table:
+    c = DedupConfig(**cfg)
+    cols: dict[str, pa.Array] = {"id": pc.cast(batch.column("id"), pa.string())}
+    cols["score"] = (
+        pc.cast(batch.column(c.score_column), pa.float64())
+        if c.keep == "highest_score"
+        else pa.nulls(batch.num_rows, pa.float64())
+    )
+    cols["ehash"] = pa.array(content_hashes(batch), pa.binary(16)) if c.exact else pa.nulls(batch.num_rows, pa.binary(16))
+    if c.minhash:
+        sig, ok = _hasher(c.num_perm, c.seed, c.ngram, c.hash).signatures(conversation_texts(batch, "all"))
+        cols["sig"], cols["has_sh"] = _sig_array(sig), pa.array(ok)
+    else:
+        cols["sig"], cols["has_sh"] = pa.nulls(batch.num_rows, pa.binary(4 * c.num_perm)), pa.nulls(batch.num_rows, pa.bool_())
+    if c.image and "images" in batch.column_names:
+        cols["phash"] = pa.array([_phashes(im) for im in batch.column("images").to_pylist()], pa.list_(pa.uint64()))
+    else:
+        cols["phash"] = pa.array([[]] * batch.num_rows, pa.list_(pa.uint64()))
+    return pa.table(cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# shuffles
+
+def _str_part(col: pa.ChunkedArray | pa.Array, parts: int) -> pa.Array:
+    """Partition of each string key: xxh3-64 of its UTF-8 bytes modulo `parts` (stable everywhere)."""
+    return pa.array([xxhash.xxh3_64_intdigest(s.encode("utf-8")) % parts for s in col.to_pylist()], pa.int64())
+
+
+def _ehash_part(col: pa.ChunkedArray | pa.Array, parts: int) -> pa.Array:
+    """Partition by content hash: its first 8 bytes (already uniform) modulo `parts`; null -> 0."""
+    return pa.array([0 if h is None else int.from_bytes(h[:8], "little") % parts for h in col.to_pylist()], pa.int64())
+
+
+def _with_part(t: pa.Table, part: pa.Array) -> pa.Table:
+    if "_part" in t.column_names:
+        t = t.drop_columns(["_part"])
+    return t.append_column("_part", part)
+
+
+def _shuffle(ds: ray.data.Dataset, fn, parts: int, **kwargs) -> ray.data.Dataset:
+    """Run fn(partition table, **kwargs) on each of `parts` hash partitions of ds (column `_part`)."""
+
+    def call(t: pa.Table) -> pa.Table:
+        return fn(t.drop_columns(["_part"]), **kwargs)
+
+    return ds.groupby("_part", num_partitions=parts).map_groups(call, batch_format="pyarrow")
+
+
+def _join(
+    left: ray.data.Dataset,
+    right: ray.data.Dataset,
+    left_on: str,
+    right_on: str,
+    how: Literal["inner", "left outer"],
+    parts: int,
+    ls: pa.Schema,
+    rs: pa.Schema,
+) -> ray.data.Dataset:
+    """Reduce-side join: both sides hash-partitioned on the key in one shuffle, joined per partition.
+
+    `right` must have unique keys. Rows are joined through index columns and `take`, so payload
+    columns of any type (lists, structs, binaries) pass through. Right columns keep their names.
+    The schemas are given, not read from the data, so empty sides (no duplicates at all) work."""
+    rcols = [f for f in rs if f.name != right_on]
+    common = pa.schema([*ls, *[pa.field("_r_" + f.name, f.type) for f in rs], ("_side", pa.int8())])
+
+    def tag(t: pa.Table, side: int) -> pa.Table:
+        key = t.column(left_on if side == 0 else right_on)
+        out = {}
+        for f in common:
+            if f.name == "_side":
+                out[f.name] = pa.array(np.full(t.num_rows, side, dtype=np.int8))
+            elif side == 0 and not f.name.startswith("_r_"):
+                out[f.name] = t.column(f.name).cast(f.type)
+            elif side == 1 and f.name.startswith("_r_"):
+                out[f.name] = t.column(f.name[3:]).cast(f.type)
+            else:
+                out[f.name] = pa.nulls(t.num_rows, f.type)
+        return _with_part(pa.table(out, schema=common), _str_part(key, parts))
+
+    def join_part(t: pa.Table) -> pa.Table:
+        side = t.column("_side").to_numpy()
+        lt = t.filter(pa.array(side == 0)).select([f.name for f in ls])
+        rt = t.filter(pa.array(side == 1)).select(["_r_" + f.name for f in rs])
+        rt = rt.rename_columns([f.name for f in rs])
+        li = pa.table({"k": pc.cast(lt.column(left_on), pa.string()), "_li": pa.array(np.arange(lt.num_rows))})
+        ri = pa.table({"k": pc.cast(rt.column(right_on), pa.string()), "_ri": pa.array(np.arange(rt.num_rows))})
+        j = li.join(ri, "k", join_type=how)
+        out = lt.take(j.column("_li"))
+        rtake = rt.take(j.column("_ri"))
+        for f in rcols:
+            out = out.append_column(f.name, rtake.column(f.name))
+        return out
+
+    tagged = left.map_batches(tag, fn_args=(0,), batch_format="pyarrow").union(
+        right.map_batches(tag, fn_args=(1,), batch_format="pyarrow")
+    )
+    return _shuffle(tagged, join_part, parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def _exact_part(t: pa.Table, score: str | None) -> pa.Table:
+    """Per content hash: the survivor (erep) of its exact group, on every row."""
+    s = cc.pick_survivors(pa.table({"group": t.column("ehash"), "id": t.column("id"), "score": t.column("score")}), score)
+    return t.take(s.column("row")).append_column("erep", s.column("survivor"))
+
+
+def _exact_dups(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.not_equal(t.column("erep"), t.column("id")))
+    return pa.table({"id": t.column("id"), "survivor": t.column("erep")}, schema=SURVIVORS)
+
+
+def _exact_reps(t: pa.Table) -> pa.Table:
+    return t.filter(pc.equal(t.column("erep"), t.column("id"))).drop_columns(["erep"])
+
+
+def _band_rows(t: pa.Table, bands: int, rows: int, num_perm: int, parts: int) -> pa.Table:
+    keys = band_keys(_sig_matrix(t.column("sig"), num_perm), bands, rows)
+    n = t.num_rows
+    key = keys.ravel()
+    out = pa.table(
+        {
+            "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
+            "key": pa.array(key),
+            "id": pc.take(t.column("id"), pa.array(np.repeat(np.arange(n), bands))),
+        }
+    )
+    return _with_part(out, pa.array((key.view(np.uint64) % np.uint64(parts)).astype(np.int64)))
+
+
+def _verify(t: pa.Table, threshold: float, num_perm: int) -> pa.Table:
+    a, b = _sig_matrix(t.column("sig_u"), num_perm), _sig_matrix(t.column("sig_v"), num_perm)
+    keep = estimated_jaccard(a, b) >= threshold
+    return t.select(["u", "v"]).filter(pa.array(keep))
+
+
+def _image_band_rows(t: pa.Table, max_hamming: int, parts: int) -> pa.Table:
+    first = np.array([h[0] for h in t.column("phash").to_pylist()], dtype=np.uint64)
+    vals = band_values(first, max_hamming)  # (n, bands)
+    n, nb = vals.shape
+    # the bucket key mixes band index and bits, so one column partitions and groups
+    key = (vals.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.arange(nb, dtype=np.uint64)).ravel()
+    idx = pa.array(np.repeat(np.arange(n), nb))
+    out = pa.table({"key": pa.array(key.view(np.int64)), "id": pc.take(t.column("id"), idx), "phash": pc.take(t.column("phash"), idx)})
+    return _with_part(out, pa.array((key % np.uint64(parts)).astype(np.int64)))
+
+
+def _image_edges(t: pa.Table, max_hamming: int) -> pa.Table:
+    """Per bucket, every pair whose images are all within max_hamming bits (same count, same order)."""
+    if t.num_rows == 0:
+        return cc.EDGE_SCHEMA.empty_table()
+    t = t.take(pc.sort_indices(t, sort_keys=[("key", "ascending"), ("id", "ascending")]))
+    keys = t.column("key").to_numpy()
+    ids = t.column("id").to_pylist()
+    ph = t.column("phash").to_pylist()
+    first = np.array([h[0] for h in ph], dtype=np.uint64)
+    bounds = np.flatnonzero(np.diff(keys)) + 1
+    us, vs = [], []
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(keys)]])):
+        if hi - lo < 2:
+            continue
+        i, j = near_pairs(first[lo:hi], max_hamming)
+        for a, b in zip(i + lo, j + lo):
+            if ids[a] == ids[b] or len(ph[a]) != len(ph[b]):
+                continue
+            if len(ph[a]) > 1 and hamming(np.array(ph[a][1:]), np.array(ph[b][1:])).max() > max_hamming:
+                continue
+            us.append(max(ids[a], ids[b]))
+            vs.append(min(ids[a], ids[b]))
+    return cc._edges(pa.array(us, pa.string()), pa.array(vs, pa.string()))
+
+
+def _components(edges: ray.data.Dataset, cfg: DedupConfig, parts: int) -> ray.data.Dataset:
+    """Verified edges (u, v) -> (u=node, v=smallest node of its component) for non-minimum nodes."""
+    edges = edges.materialize()
+    n_edges = edges.count()
+    if n_edges == 0:
+        return ray.data.from_arrow(cc.EDGE_SCHEMA.empty_table())
+    if n_edges <= cfg.local_components_max_edges:  # bounded by the setting, not by the data
+        t = pa.concat_tables([b for b in edges.iter_batches(batch_format="pyarrow", batch_size=None)])
+        labels = cc.union_find(t.column("u").to_pylist(), t.column("v").to_pylist())
+        pairs = [(x, r) for x, r in labels.items() if x != r]
+        return ray.data.from_arrow(
+            pa.table({"u": pa.array([p[0] for p in pairs], pa.string()), "v": pa.array([p[1] for p in pairs], pa.string())})
+        )
+
+    def both(t: pa.Table) -> pa.Table:
+        b = cc.both_directions(t.select(["u", "v"]))
+        return _with_part(b, _str_part(b.column("u"), parts))
+
+    def down(t: pa.Table) -> pa.Table:
+        d = cc.orient_down(t.select(["u", "v"]))
+        return _with_part(d, _str_part(d.column("u"), parts))
+
+    def star_check(t: pa.Table) -> pa.Table:  # one row per partition: is it already a star forest?
+        return pa.table({"bad": [0 if cc.is_star_forest(t) else 1]})
+
+    cur = edges
+    for _ in range(cfg.max_rounds):
+        bi = cur.map_batches(both, batch_format="pyarrow").materialize()
+        if sum(r["bad"] for r in _shuffle(bi, star_check, parts).take_all()) == 0:
+            return cur.map_batches(lambda t: cc.orient_down(t.select(["u", "v"])), batch_format="pyarrow")
+        large = _shuffle(bi, cc.large_star, parts)
+        cur = _shuffle(large.map_batches(down, batch_format="pyarrow"), cc.small_star, parts).materialize()
+    raise RuntimeError(f"dedup: connected components did not converge in {cfg.max_rounds} rounds")
+
+
+def _survivors(
+    labels: ray.data.Dataset, nodes: ray.data.Dataset, cfg: DedupConfig, parts: int
+) -> ray.data.Dataset:
+    """Component labels (u=node, v=component min) -> (id, survivor) for the removed nodes."""
+    if cfg.keep == "lowest_id":  # the component minimum is the lowest id
+        return labels.map_batches(
+            lambda t: pa.table({"id": t.column("u"), "survivor": t.column("v")}), batch_format="pyarrow"
+        )
+    members = labels.map_batches(
+        lambda t: pa.table(
+            {
+                "id": pa.concat_arrays([t.column("u").combine_chunks(), t.column("v").combine_chunks()]),
+                "group": pa.concat_arrays([t.column("v").combine_chunks(), t.column("v").combine_chunks()]),
+            }
+        ),
+        batch_format="pyarrow",
+    )
+    scores = nodes.select_columns(["id", "score"])
+    scored = _join(members, scores, "id", "id", "inner", parts, MEMBERS, SCORES)
+
+    def pick(t: pa.Table) -> pa.Table:
+        t = t.group_by(["id", "group"]).aggregate([("score", "max")]).rename_columns(["id", "group", "score"])
+        s = cc.pick_survivors(t, "score")
+        s = s.filter(pc.not_equal(s.column("id"), s.column("survivor")))
+        return s.select(["id", "survivor"])
+
+    return _shuffle(
+        scored.map_batches(lambda t: _with_part(t, _str_part(t.column("group"), parts)), batch_format="pyarrow"),
+        pick,
+        parts,
+    )
+
+
+def _removed(
+    ids_surv: ray.data.Dataset, rule: str, later: ray.data.Dataset | None, parts: int
+) -> ray.data.Dataset:
+    """(id, survivor) -> (id, dedup_rule, dup_of) with the survivor mapped through a later stage."""
+    out = ids_surv
+    if later is not None:
+        later_map = later.select_columns(["id", "dup_of"]).map_batches(
+            lambda t: pa.table({"lid": t.column("id"), "final": t.column("dup_of")}), batch_format="pyarrow"
+        )
+        out = _join(out, later_map, "survivor", "lid", "left outer", parts, SURVIVORS, LATER)
+        out = out.map_batches(
+            lambda t: t.set_column(t.schema.get_field_index("survivor"), "survivor", pc.coalesce(t.column("final"), t.column("survivor"))).drop_columns(["final"]),
+            batch_format="pyarrow",
+        )
+    return out.map_batches(
+        lambda t: pa.table(
+            {"id": t.column("id"), "dedup_rule": pa.array([rule] * t.num_rows, pa.string()), "dup_of": t.column("survivor")}
+        ),
+        batch_format="pyarrow",
+    )
+
+
+def dedup_dataset(ds: ray.data.Dataset, cfg: DedupConfig | None = None) -> ray.data.Dataset:
+    """The rows of ds with `dedup_rule` and `dup_of` added (see the module docstring)."""
+    cfg = cfg or DedupConfig()
+    keys = ds.map_batches(_row_keys, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow").materialize()
+    n = keys.count()
+    parts = max(1, math.ceil(n / cfg.rows_per_partition))
+    score = "score" if cfg.keep == "highest_score" else None
+    empty = pa.table({"id": pa.array([], pa.string()), "survivor": pa.array([], pa.string())})
+
+    # exact: one representative (survivor) per content hash; only representatives go on
+    if cfg.exact:
+        keyed = _shuffle(
+            keys.map_batches(lambda t: _with_part(t, _ehash_part(t.column("ehash"), parts)), batch_format="pyarrow"),
+            _exact_part,
+            parts,
+            score=score,
+        ).materialize()
+        exact_dups = keyed.map_batches(_exact_dups, batch_format="pyarrow")
+        reps = keyed.map_batches(_exact_reps, batch_format="pyarrow").materialize()
+    else:
+        exact_dups, reps = ray.data.from_arrow(empty), keys
+
+    # MinHash LSH among the representatives
+    text_dups = ray.data.from_arrow(empty)
+    if cfg.minhash:
+        bands, rows = optimal_param(cfg.threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
+        with_sh = reps.map_batches(lambda t: t.filter(t.column("has_sh")), batch_format="pyarrow")
+        bparts = max(1, math.ceil(n * bands / cfg.rows_per_partition))
+        band_rows = with_sh.map_batches(
+            _band_rows, fn_args=(bands, rows, cfg.num_perm, bparts), batch_format="pyarrow"
+        )
+        candidates = _shuffle(band_rows, cc.bucket_star_edges, bparts)
+        sigs = with_sh.select_columns(["id", "sig"])
+        sig_t = pa.binary(4 * cfg.num_perm)
+        j1 = _join(candidates, sigs, "u", "id", "inner", parts, EDGES, pa.schema([("id", pa.string()), ("sig", sig_t)]))
+        j1 = j1.rename_columns({"sig": "sig_u"})
+        j1_schema = pa.schema([*EDGES, ("sig_u", sig_t)])
+        j2 = _join(j1, sigs, "v", "id", "inner", parts, j1_schema, pa.schema([("id", pa.string()), ("sig", sig_t)]))
+        j2 = j2.rename_columns({"sig": "sig_v"})
+        verified = j2.map_batches(_verify, fn_args=(cfg.threshold, cfg.num_perm), batch_format="pyarrow")
+        labels = _components(verified, cfg, parts)
+        text_dups = _survivors(labels, reps, cfg, parts).materialize()
+
+    # images among the rows that survived text dedup
+    image_dups = None
+    if cfg.image:
+        text_removed = text_dups.map_batches(
+            lambda t: pa.table({"rid": t.column("id"), "gone": pa.array([True] * t.num_rows)}), batch_format="pyarrow"
+        )
+        alive = _join(reps, text_removed, "id", "rid", "left outer", parts, _key_schema(cfg), GONE)
+        alive = alive.map_batches(
+            lambda t: t.filter(pc.and_(pc.is_null(t.column("gone")), pc.greater(pc.list_value_length(t.column("phash")), 0))),
+            batch_format="pyarrow",
+        )
+        iparts = max(1, math.ceil(n * (cfg.image_max_hamming + 1) / cfg.rows_per_partition))
+        irows = alive.map_batches(_image_band_rows, fn_args=(cfg.image_max_hamming, iparts), batch_format="pyarrow")
+        iedges = _shuffle(irows, _image_edges, iparts, max_hamming=cfg.image_max_hamming)
+        image_dups = _removed(_survivors(_components(iedges, cfg, parts), reps, cfg, parts), "image", None, parts)
+        image_dups = image_dups.materialize()
+
+    text_removed_final = _removed(text_dups, "minhash", image_dups, parts).materialize()
+    later = text_removed_final if image_dups is None else text_removed_final.union(image_dups)
+    exact_final = _removed(exact_dups, "exact", later, parts)
+    decisions = exact_final.union(text_removed_final)
+    if image_dups is not None:
+        decisions = decisions.union(image_dups)
+
+    joined = _join(ds, decisions.materialize(), "id", "id", "left outer", parts, ds.schema().base_schema, DECISIONS)
+
+    def fill(t: pa.Table) -> pa.Table:
+        for name in ("dedup_rule", "dup_of"):
+            i = t.schema.get_field_index(name)
+            t = t.set_column(i, name, pc.fill_null(pc.cast(t.column(name), pa.string()), ""))
+        return t
+
+    return joined.map_batches(fill, batch_format="pyarrow")
