@@ -24,7 +24,7 @@ import ray
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator, resolve_operator
+from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
     list_input_shards,
@@ -183,10 +183,10 @@ def _run_stateless(table: pa.Table, spec: dict) -> pa.Table:
 def add_stages(ds: ray.data.Dataset, cfg: CurateConfig) -> ray.data.Dataset:
     load_operators()
     for spec in cfg.stages:
-        cls = resolve_operator(spec["op"])
-        if cls.needs_model:
+        op = build_operator(_op_spec(spec))  # cheap: models load in setup(), on the workers
+        if op.needs_model:
             ds = ds.map_batches(_OperatorActor, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.batch_size,
-                                batch_format="pyarrow", concurrency=cfg.actors, num_gpus=cls.num_gpus or None)
+                                batch_format="pyarrow", concurrency=cfg.actors, num_gpus=op.num_gpus or None)
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"spec": spec}, batch_size=cfg.batch_size,
                                 batch_format="pyarrow")

@@ -86,7 +86,10 @@ def repetition_template(multimodal: bool) -> str:
 
 def build_messages(template: str, sample: str) -> list[dict[str, str]]:
     """Chat messages for one sample; the sample is inserted verbatim (no format() on user text)."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": template.replace(SAMPLE_MARKER, sample)}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": template.replace(SAMPLE_MARKER, sample)},
+    ]
 
 
 def quality_messages(domain: str, sample: str) -> list[dict[str, str]]:
@@ -122,7 +125,9 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     return f"{text}\n\nScore:"
 
 
-def resolve_domain(category: str | None, source: str | None, mapping: Mapping[str, str], default: str = "general") -> str:
+def resolve_domain(
+    category: str | None, source: str | None, mapping: Mapping[str, str], default: str = "general"
+) -> str:
     """The quality domain of a row: the config maps dataset names (`source`) and `category` tags to
     domains; a source entry wins (the paper groups whole datasets), then the category, then default."""
     for key in (source, category):

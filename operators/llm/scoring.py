@@ -131,7 +131,9 @@ def combine(first: np.ndarray, after_one: np.ndarray | None, mode: str) -> tuple
     return q / mass, mass
 
 
-def result_from_dist(dist: np.ndarray, mass: float, prompt_tokens: int = 0, truncated: bool = False) -> ScoreResult:
+def result_from_dist(
+    dist: np.ndarray, mass: float, prompt_tokens: int = 0, truncated: bool = False
+) -> ScoreResult:
     return ScoreResult(
         expected=float(np.dot(dist, SCORES)),
         argmax=int(np.argmax(dist)),
@@ -142,7 +144,9 @@ def result_from_dist(dist: np.ndarray, mass: float, prompt_tokens: int = 0, trun
     )
 
 
-def score_from_probs(first: np.ndarray, after_one: np.ndarray | None, tokens: ScoreTokens, **info) -> ScoreResult:
+def score_from_probs(
+    first: np.ndarray, after_one: np.ndarray | None, tokens: ScoreTokens, **info
+) -> ScoreResult:
     """`combine` + summary, turning a ScoringError into a failed result."""
     try:
         dist, mass = combine(first, after_one, tokens.mode)

