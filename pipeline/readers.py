@@ -291,12 +291,16 @@ def check_conversations(conv, n_images: int) -> tuple[list[dict], str | None]:
 
 def _read_tar(e: Entry, task: dict):
     tar_stem = _safe(Path(e.path).name.split(".")[0])
-    seen = 0
+    seen, keys = 0, set()
     try:
         for key, files, problem in iter_tar_samples(e.path):
             seen += 1
             rid = f"{e.source}/{tar_stem}/{key}"
             raw_json = files.get("json", b"").decode("utf-8", errors="replace")
+            if key in keys:  # WebDataset keys are contiguous; a key seen again is a malformed tar
+                yield _raw_row(e, f"{rid}@{seen}", raw_json), "duplicate_tar_key"
+                continue
+            keys.add(key)
             if problem:
                 yield _raw_row(e, rid, raw_json, tar_problem=problem), "unsafe_tar_member"
                 continue
