@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import shutil
 import time
 from collections import Counter
 from typing import Any
@@ -42,6 +44,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs"
 OPERATOR_MODULES = ("operators.text_rules", "operators.ngram_repetition", "operators.image_checks",
                     "operators.fasttext_ops", "operators.llm")
 INTERNAL = ("_shard", "_row", "_decision")
+REPEAT_SUFFIX = re.compile(r"#r\d+$")  # ids of repeat_time copies (pipeline/readers.py)
 
 
 class CurateConfig(BaseModel):
@@ -225,6 +228,7 @@ def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shar
         reject = table.column("reject_reason").to_pylist()
         dup_of = [""] * table.num_rows
         for i, rid in enumerate(table.column("id").to_pylist()):
+            rid = REPEAT_SUFFIX.sub("", rid)
             if rid in dedup and decision[i] != REJECT:
                 rule, survivor = dedup[rid]
                 decision[i], reject[i], dup_of[i] = REJECT, f"dedup:{rule}", survivor
@@ -318,20 +322,22 @@ def _unique_keys(files: list[str]) -> dict[str, str]:
 
 def _dedup_and_route(out_dir: str, keys: list[str], cfg: CurateConfig, fmt: str, rows_per_shard: int) -> dict:
     """Phase 2: one global dedup over every staged row not yet rejected; phase 3: route each shard."""
-    from pipeline.dedup_stage import DedupConfig, dedup_dataset
+    from pipeline.dedup_stage import DedupConfig, dedup_decisions
 
     decisions_path = os.path.join(out_dir, "_dedup", "decisions.parquet")
     stats = read_marker(out_dir, "dedup")
     if stats is None:
         staged = [os.path.join(out_dir, "_stage", f"{k}.parquet") for k in keys]
-        ds = ray.data.read_parquet(staged).filter(expr=f"_decision != {REJECT}")
+        # repeat_time copies (`<id>#r<k>`) are deliberate upsampling: they are not duplicates of their
+        # original, so only originals take part and each copy follows its original's fate when routed
+        ds = ray.data.read_parquet(staged).filter(expr=f"_decision != {REJECT}").filter(
+            lambda r: REPEAT_SUFFIX.search(r["id"]) is None)
         drop = [c for c in ds.columns() if c.startswith("_sec_") or c in ("reject_reason", "review_reason")]
-        ds = dedup_dataset(ds.drop_columns(drop), DedupConfig(**cfg.dedup))
-        removed = ds.filter(expr="dedup_rule != ''").select_columns(["id", "dedup_rule", "dup_of"])
-        table = pa.concat_tables([pa.Table.from_pandas(b, preserve_index=False) if not isinstance(b, pa.Table) else b
-                                  for b in removed.iter_batches(batch_format="pyarrow", batch_size=None)]) \
-            if removed.count() else pa.table({"id": pa.array([], pa.string()), "dedup_rule": pa.array([], pa.string()),
-                                              "dup_of": pa.array([], pa.string())})
+        removed = dedup_decisions(ds.drop_columns(drop), DedupConfig(**cfg.dedup))
+        blocks = list(removed.iter_batches(batch_format="pyarrow", batch_size=None))
+        table = pa.concat_tables(blocks).select(["id", "dedup_rule", "dup_of"]) if blocks else pa.table(
+            {c: pa.array([], pa.string()) for c in ("id", "dedup_rule", "dup_of")})
+        table = table.sort_by("id")  # the same file whatever order the shuffle produced
         write_parquet_atomic(table, decisions_path)
         stats = {"removed": table.num_rows, "by_rule": dict(Counter(table.column("dedup_rule").to_pylist()))}
         write_marker(out_dir, "dedup", stats)
@@ -344,6 +350,7 @@ def _dedup_and_route(out_dir: str, keys: list[str], cfg: CurateConfig, fmt: str,
         ray.data.from_items([{"key": k} for k in todo], override_num_blocks=len(todo)).map(
             _route_staged, fn_kwargs=dict(out_dir=out_dir, fmt=fmt, rows_per_shard=rows_per_shard,
                                           lookup=ray.put(lookup))).materialize()
+    shutil.rmtree(os.path.join(out_dir, "_stage"), ignore_errors=True)  # every shard is routed now
     return stats
 
 

@@ -1,0 +1,46 @@
+"""Exact duplicates: a 128-bit content hash of the normalised text of all turns plus image bytes.
+
+The normalised text is its token sequence (text.tokens: lowercase, punctuation and whitespace
+dropped, CJK characters one by one), so copies that differ only in case, spacing or punctuation hash
+the same. The hash is xxh3-128 over the 64-bit token hashes that MinHash computes anyway (one
+vectorised pass, no per-document regex), then each image length-prefixed.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import xxhash
+
+from operators.base import conversation_texts
+from operators.dedup.minhash import _pieces, token_hashes
+
+
+def content_hashes_of(texts: list[str], images: list[list[bytes] | None]) -> list[bytes]:
+    """Per document, xxh3-128 of its token hashes, then of each image (length-prefixed)."""
+    out: list[bytes] = []
+    start = 0
+    for piece in _pieces(texts):
+        th, counts = token_hashes(piece)
+        raw = th.tobytes()
+        pos = 0
+        for k, c in enumerate(counts.tolist()):
+            h = xxhash.xxh3_128(raw[pos * 8 : (pos + c) * 8])
+            pos += c
+            for img in images[start + k] or []:
+                h.update(b"\x00img" + len(img).to_bytes(8, "little"))
+                h.update(img)
+            out.append(h.digest())
+        start += len(piece)
+    return out
+
+
+def content_hash(text: str, images: list[bytes] | None = None) -> bytes:
+    """`content_hashes_of` for one document."""
+    return content_hashes_of([text], [images])[0]
+
+
+def content_hashes(table: pa.Table) -> list[bytes]:
+    """Per row of a canonical table: the content hash of all turns' text and the row's images."""
+    texts = conversation_texts(table, "all")
+    images = table.column("images").to_pylist() if "images" in table.column_names else [None] * len(texts)
+    return content_hashes_of(texts, images)
