@@ -28,9 +28,11 @@ from transformers import (
     Qwen2Config,
 )
 
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+from model.tiling import TOKENS_PER_TILE  # 448/14 = 32x32 patches, pixel unshuffle 0.5 -> 16x16
+from model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+# what the model itself needs (`ivl pack` also adds the grounding tokens)
 SPECIAL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)
-TOKENS_PER_TILE = 256  # 448/14 = 32x32 patches, pixel unshuffle 0.5 -> 16x16 (REFERENCE.md, "Model")
 
 
 @dataclass(frozen=True)
@@ -251,12 +253,16 @@ def build_model(
     if spec in PRESETS:
         if tokenizer is None:
             if data_dir is None or not (Path(data_dir) / "tokenizer").exists():
-                raise FileNotFoundError(f"preset {spec!r} needs the packed data's tokenizer at DATA/tokenizer/")
+                raise FileNotFoundError(
+                    f"preset {spec!r} needs the packed data's tokenizer at DATA/tokenizer/"
+                )
             tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
         return from_preset(spec, tokenizer, seed=seed), tokenizer
     path = Path(spec)
     if not _is_internvl(path):
-        raise FileNotFoundError(f"{spec!r} is neither a preset ({sorted(PRESETS)}) nor an InternVL checkpoint dir")
+        raise FileNotFoundError(
+            f"{spec!r} is neither a preset ({sorted(PRESETS)}) nor an InternVL checkpoint dir"
+        )
     model = from_checkpoint(path)
     tokenizer = tokenizer or load_tokenizer(path)
     attach_tokenizer(model, tokenizer)

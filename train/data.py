@@ -1,0 +1,221 @@
+"""Packed shards -> training tensors (packed.md contract; REFERENCE.md "Dynamic high-resolution tiling",
+"Random JPEG compression").
+
+The CPU work (image decode, InternVL tiling, random JPEG per tile where `image_augment`, ImageNet
+normalisation) is `prepare_batch`, a plain function over a numpy batch: Ray Data runs it in `map_batches`
+on CPU workers, and the one-process path calls it directly. Data order is a deterministic *plan*:
+epoch permutations of the packed rows laid end to end; optimizer step s, micro-batch m, rank r reads slot
+(s * accum + m) * world + r. A step number is therefore a complete data position for `--resume`, and the
+JPEG draws are seeded by the slot, so a resumed run also sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from model.tiling import IMAGE_SIZE, dynamic_preprocess
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # InternVL build_transform normalisation
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+JPEG_QUALITY = (75, 100)  # inclusive range, InternVL 2.5 data_augment (internvl_chat `qualities`)
+PACK_COLUMNS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "cu_seqlens",
+    "sample_ids",
+    "images",
+    "tiles_per_image",
+    "image_max_tiles",
+    "image_augment",
+    "num_tokens",
+    "num_tiles",
+)
+
+
+# ---------------------------------------------------------------- pixels
+def jpeg_degrade(tile: Image.Image, quality: int) -> Image.Image:
+    """Encode as JPEG at `quality` and decode again (InternVL's jpeg_degrade_functions)."""
+    buf = io.BytesIO()
+    tile.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def normalize(tile: Image.Image) -> np.ndarray:
+    """(3, H, W) float32 with ImageNet mean/std, as torchvision ToTensor + Normalize."""
+    arr = np.asarray(tile.convert("RGB"), dtype=np.float32) / 255.0
+    return ((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+
+
+def image_tiles(
+    data: bytes, max_tiles: int, expected_tiles: int, augment: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, list[int]]:
+    """Decode, tile (thumbnail included), random-JPEG each tile when `augment`, normalise.
+
+    Returns (tiles (n, 3, 448, 448) float32, JPEG qualities used; empty when augment is off)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    tiles = dynamic_preprocess(image, max_num=int(max_tiles), image_size=IMAGE_SIZE, use_thumbnail=True)
+    if len(tiles) != int(expected_tiles):
+        raise ValueError(f"image re-tiles to {len(tiles)} tiles but the pack reserved {expected_tiles}")
+    qualities = []
+    if augment:
+        qualities = [int(q) for q in rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, size=len(tiles))]
+        tiles = [jpeg_degrade(t, q) for t, q in zip(tiles, qualities)]
+    return np.stack([normalize(t) for t in tiles]), qualities
+
+
+def prepare_pack(row: dict, rng: np.random.Generator) -> dict:
+    """One packed row (packed.md columns) -> arrays the training step consumes."""
+    images = list(row["images"] if row["images"] is not None else [])
+    if images:
+        pixel = np.concatenate(
+            [
+                image_tiles(img, m, n, bool(a), rng)[0]
+                for img, m, n, a in zip(
+                    images, row["image_max_tiles"], row["tiles_per_image"], row["image_augment"]
+                )
+            ]
+        )
+    else:  # pure-text pack: one dummy tile, contributes with weight 0 (InternVL)
+        pixel = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    n_tiles = int(sum(row["tiles_per_image"])) if images else 0
+    if pixel.shape[0] != max(n_tiles, 1):
+        raise ValueError(f"row has {pixel.shape[0]} tiles, num_tiles says {n_tiles}")
+    return {
+        "input_ids": np.asarray(row["input_ids"], dtype=np.int64),
+        "labels": np.asarray(row["labels"], dtype=np.int64),
+        "position_ids": np.asarray(row["position_ids"], dtype=np.int64),
+        "cu_seqlens": np.asarray(row["cu_seqlens"], dtype=np.int32),
+        "pixel_values": pixel,
+        "has_image": bool(images),
+        "num_tiles": n_tiles,
+        "sample_ids": "\n".join(row["sample_ids"]),
+    }
+
+
+def prepare_batch(batch: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """`map_batches` function (batch_format="numpy"): packed rows -> tensors; `plan_index` seeds the JPEG draws."""
+    n = len(batch["input_ids"])
+    slots = batch.get("plan_index", np.arange(n))
+    out = [
+        prepare_pack({k: batch[k][i] for k in PACK_COLUMNS}, np.random.default_rng((seed, int(slots[i]))))
+        for i in range(n)
+    ]
+    result = {k: _column([o[k] for o in out]) for k in out[0]}
+    result["plan_index"] = np.asarray(slots, dtype=np.int64)
+    return result
+
+
+def _column(values: list) -> np.ndarray:
+    if isinstance(values[0], np.ndarray):
+        col = np.empty(len(values), dtype=object)
+        col[:] = values
+        return col
+    return np.asarray(values)
+
+
+# ---------------------------------------------------------------- shards and the data plan
+def list_shards(data_dir: str | Path) -> list[Path]:
+    """Packed Parquet files of `ivl pack --out DIR` (DIR/kept/) or of a plain folder of shards."""
+    root = Path(data_dir)
+    kept = root / "kept"
+    files = sorted((kept if kept.is_dir() else root).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no packed shards (*.parquet) in {kept if kept.is_dir() else root}")
+    return files
+
+
+def shard_row_counts(files: list[Path]) -> list[int]:
+    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+
+
+def make_plan(num_rows: int, world_size: int, accum: int, total_steps: int, seed: int) -> np.ndarray:
+    """Global row ids, shape (world_size, total_steps * accum): epoch permutations laid end to end."""
+    if num_rows <= 0:
+        raise ValueError("no packed rows to train on")
+    slots = total_steps * accum * world_size
+    epochs = -(-slots // num_rows)
+    order = np.concatenate([np.random.default_rng((seed, e)).permutation(num_rows) for e in range(epochs)])[
+        :slots
+    ]
+    return order.reshape(total_steps * accum, world_size).T.copy()
+
+
+@lru_cache(maxsize=2)
+def _read_shard(path: str) -> pa.Table:
+    return pq.read_table(path, columns=list(PACK_COLUMNS))
+
+
+def read_rows(files: list[str], counts: list[int], rows: list[int]) -> dict[str, list]:
+    """Packed rows by global index (shards concatenated in `files` order), as python lists per column."""
+    starts = np.cumsum([0, *counts])
+    out: dict[str, list] = {k: [] for k in PACK_COLUMNS}
+    for r in rows:
+        f = int(np.searchsorted(starts, r, side="right")) - 1
+        rec = _read_shard(str(files[f])).slice(int(r - starts[f]), 1).to_pylist()[0]
+        for k in PACK_COLUMNS:
+            out[k].append(rec[k])
+    return out
+
+
+def fetch_and_prepare(batch: dict[str, np.ndarray], files: list[str], counts: list[int], seed: int) -> dict:
+    """`map_batches` over a plan dataset (columns plan_index, row): read the rows, then `prepare_batch`."""
+    rows = read_rows(files, counts, [int(r) for r in batch["row"]])
+    rows["plan_index"] = batch["plan_index"]
+    return prepare_batch(rows, seed)
+
+
+def plan_items(plan_rank: np.ndarray, start: int = 0, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Rows of one rank's plan dataset from micro-batch `start` on; plan_index = global slot."""
+    return [
+        {"plan_index": int(i * world_size + rank), "row": int(r)}
+        for i, r in enumerate(plan_rank)
+        if i >= start
+    ]
+
+
+def iterate_local(
+    files: list[str], counts: list[int], items: list[dict], seed: int, prefetch: int = 2
+) -> Iterator[dict]:
+    """The one-process path: the same `fetch_and_prepare`, one row at a time, no Ray; a background thread
+    prepares the next `prefetch` rows while the current one trains (PIL decode/resize release the GIL)."""
+
+    def one(item: dict) -> dict:
+        batch = {"plan_index": np.array([item["plan_index"]]), "row": np.array([item["row"]])}
+        return {k: v[0] for k, v in fetch_and_prepare(batch, files, counts, seed).items()}
+
+    if prefetch <= 0:
+        yield from map(one, items)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = deque(pool.submit(one, it) for it in items[:prefetch])
+        for nxt in items[prefetch:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(one, nxt))
+        while pending:
+            yield pending.popleft().result()
+
+
+def to_device(item: dict, device: torch.device) -> dict:
+    """One prepared row (numpy, from either path) -> tensors on `device`."""
+    out = {}
+    for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values"):
+        out[k] = torch.as_tensor(np.asarray(item[k])).to(device, non_blocking=True)
+    out["has_image"] = bool(item["has_image"])
+    out["num_tiles"] = int(item["num_tiles"])
+    out["plan_index"] = int(item["plan_index"])
+    sid = item["sample_ids"]
+    out["sample_ids"] = (sid.decode() if isinstance(sid, bytes) else str(sid)).split("\n")
+    return out

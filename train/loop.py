@@ -1,0 +1,356 @@
+"""The per-worker training loop: plain PyTorch, setup -> load checkpoint -> train -> report.
+
+`train_worker(config)` is the Ray Train entry (`TorchTrainer(train_loop_per_worker=train_worker)`);
+`run_local(job)` runs the same loop in one process without Ray (CPU or GPU; how the benchmark runs it).
+One micro-batch is one packed row (InternVL 2.5: one packed row per GPU); `grad_accum` rows per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model.build import build_model, from_checkpoint, load_tokenizer
+from train import attention as A
+from train.checkpoint import (
+    full_state_dict,
+    load_optimizer_state,
+    load_trainer_state,
+    optimizer_state,
+    save_checkpoint,
+    unwrap,
+    write_final,
+)
+from train.data import iterate_local, plan_items, to_device
+from train.loss import PackedLoss, global_denominator, shift_targets, token_weights
+from train.stages import StageConfig, apply_stage, build_optimizer, build_scheduler
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}  # dense
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs (picklable: it travels as Ray Train's train_loop_config)."""
+
+    stage: dict  # StageConfig fields
+    model: str  # preset name or checkpoint dir
+    data: str  # packed data dir (its tokenizer/ is used with a preset)
+    out: str
+    files: list[str]
+    counts: list[int]
+    plan: list[list[int]]  # (world_size, total_steps * grad_accum) global row ids
+    total_steps: int
+    start_step: int = 0
+    resume_from: str | None = None  # checkpoint dir to continue from
+    use_gpu: bool = False
+    stop_at_step: int | None = None  # stop (checkpointed) after this step, as an interruption would
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- FLOPs / MFU
+def step_flops(model, cfg: StageConfig, seq_lens: list[int], n_tiles: int, n_supervised: int) -> float:
+    """Model FLOPs of one step: 6N (trained), 4N (frozen but back-propagated through), 2N (frozen, forward
+    only) per token, causal attention 6*L*d*len^2 per sample in the LLM, 12*L*d*T^2 per tile in the ViT,
+    and the LM head only on supervised tokens (the only logits the loss needs)."""
+    inner = unwrap(model)
+    core = inner.model
+    tc, vc = inner.config.text_config, inner.config.vision_config
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    emb = inner.get_input_embeddings().weight.numel()
+    llm_body = n(core.language_model) - emb
+    f_llm = 6 if "llm" in cfg.trainable else 4
+    f_vit = 6 if "vision" in cfg.trainable else 2
+    tokens = sum(seq_lens)
+    flops = f_llm * llm_body * tokens + f_llm / 2 * tc.num_hidden_layers * tc.hidden_size * sum(
+        s * s for s in seq_lens
+    )
+    flops += f_llm * emb * n_supervised  # LM head (tied or not, V x d)
+    vit_tokens = (vc.image_size[0] // vc.patch_size[0]) ** 2 + 1
+    flops += f_vit * n(core.vision_tower) * n_tiles * vit_tokens
+    flops += f_vit * 2 * vc.num_hidden_layers * vc.hidden_size * vit_tokens**2 * n_tiles
+    flops += 6 * n(core.multi_modal_projector) * n_tiles * 256
+    return float(flops)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------- setup
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_model(job: TrainJob, cfg: StageConfig, device: torch.device):
+    """Model (from the resume checkpoint, a checkpoint dir or a preset) with the stage applied."""
+    if job.resume_from:
+        model, tok = from_checkpoint(job.resume_from), load_tokenizer(job.resume_from)
+    else:
+        model, tok = build_model(job.model, data_dir=job.data, seed=cfg.seed)
+    apply_stage(model, cfg)
+    mode = A.default_mode(device) if cfg.attention == "auto" else cfg.attention
+    A.set_packed_attention(model, mode)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    return model, tok
+
+
+def wrap_parallel(model, cfg: StageConfig, device: torch.device) -> torch.nn.Module:
+    """PackedLoss(model), under DDP (default) or FSDP2 when running distributed."""
+    step_module = PackedLoss(model, cfg.ce_chunk)
+    _, world = _dist()
+    if world == 1:
+        return step_module
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if device.type == "cuda"
+            else None
+        )
+        kw = {"mp_policy": mp} if mp else {}
+        for layer in [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]:
+            fully_shard(layer, **kw)
+        fully_shard(step_module, **kw)
+        return step_module
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
+
+
+# ---------------------------------------------------------------- the loop
+class MetricsLog:
+    """metrics.jsonl (rank 0), trimmed on resume so the file tells one continuous run."""
+
+    def __init__(self, out: Path, start_step: int, enabled: bool):
+        self.path = Path(out) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            old = self.path.read_text().splitlines() if self.path.exists() else []
+            kept = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= start_step]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, rec: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def plot_loss(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"stage {recs[0]['stage'] if recs else '?'} training loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _all_reduce(values: list[float], device, op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _dist()[1] > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _gather(obj) -> list:
+    rank, world = _dist()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train_step(step_module, micro: list[dict], cfg: StageConfig, optimizer, scheduler, params, autocast):
+    """One optimizer step over `micro` (prepared rows on the device): global-denominator weighted loss,
+    backward per row (DDP syncs on the last), clip, AdamW, LR schedule. Returns (loss, grad_norm, lr, weights)."""
+    device = micro[0]["input_ids"].device
+    targets = [shift_targets(b["labels"], b["cu_seqlens"]) for b in micro]
+    weights = [token_weights(t, b["cu_seqlens"], cfg.loss_averaging) for t, b in zip(targets, micro)]
+    denom = global_denominator(sum(w.sum() for w in weights), device).to(device)
+    loss_sum = torch.zeros((), device=device)
+    for i, (b, t, w) in enumerate(zip(micro, targets, weights)):
+        sync = i == len(micro) - 1 or not hasattr(step_module, "no_sync")
+        with contextlib.nullcontext() if sync else step_module.no_sync(), autocast:
+            loss = step_module(b, t, w) / denom
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum), float(grad_norm), lr, weights
+
+
+def train(
+    job: TrainJob,
+    device: torch.device,
+    batches: Callable[[int], Iterator[dict]],
+    report: Callable[[dict, Path | None], None] | None = None,
+) -> dict:
+    """Run the stage from job.start_step. `batches(start_micro)` yields prepared rows of this rank's plan."""
+    cfg = StageConfig(**job.stage)
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    model, tok = setup_model(job, cfg, device)
+    step_module = wrap_parallel(model, cfg, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, job.total_steps)
+    start = 0
+    if job.resume_from:
+        state = load_trainer_state(Path(job.resume_from))
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+    out = Path(job.out)
+    log = MetricsLog(out, start, rank == 0)
+    peak = peak_flops(device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and cfg.bf16
+        else contextlib.nullcontext()
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    it = batches(start * cfg.grad_accum)
+    last_ckpt, rec = None, {}
+    end = job.total_steps if job.stop_at_step is None else min(job.total_steps, job.stop_at_step)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # drop path draws, same on resume
+        micro = [to_device(next(it), device) for _ in range(cfg.grad_accum)]
+        loss_sum, grad_norm, lr, weights = train_step(
+            step_module, micro, cfg, optimizer, scheduler, params, autocast
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+
+        seq_lens = [int(x) for b in micro for x in (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist()]
+        n_tok, n_samp = sum(seq_lens), len(seq_lens)
+        n_tiles = sum(b["num_tiles"] for b in micro)
+        n_sup = sum(int((w > 0).sum()) for w in weights)
+        flops = step_flops(model, cfg, seq_lens, n_tiles, n_sup) if peak else 0.0
+        g_loss, g_tok, g_samp, g_flops, g_dt = _all_reduce([loss_sum, n_tok, n_samp, flops, dt], device)
+        g_dt = g_dt / world  # mean step time
+        rec = {
+            "stage": cfg.stage,
+            "step": step + 1,
+            "loss": g_loss / world,  # DDP averages gradients over ranks: the loss is the mean of their shares
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(g_tok),
+            "samples": int(g_samp),
+            "tokens_per_s": g_tok / g_dt,
+            "samples_per_s": g_samp / g_dt,
+            "padding_fraction": 1.0 - g_tok / (world * cfg.grad_accum * cfg.context_length),
+            "step_time_s": g_dt,
+            "plan_index": [i for r in _gather([b["plan_index"] for b in micro]) for i in r],
+            "sample_ids": [s for r in _gather([s for b in micro for s in b["sample_ids"]]) for s in r],
+        }
+        if peak:
+            rec["mfu"] = g_flops / g_dt / (peak * world)
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        ckpt = None
+        last = step + 1 == end
+        if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            sd, osd = full_state_dict(model), optimizer_state(model, optimizer)
+            if rank == 0:
+                ckpt = save_checkpoint(
+                    out,
+                    model,
+                    tok,
+                    osd,
+                    scheduler,
+                    step + 1,
+                    {
+                        "step": step + 1,
+                        "micro_batches_per_rank": (step + 1) * cfg.grad_accum,
+                        "world_size": world,
+                    },
+                    state_dict=sd,
+                )
+                last_ckpt = ckpt
+            if world > 1:
+                dist.barrier()
+        if (step + 1) % cfg.log_every == 0 or last:
+            log.write(rec)
+            if report:
+                report(rec, ckpt)
+    finished = end == job.total_steps
+    summary = {
+        "stage": cfg.stage,
+        "steps": end,
+        "total_steps": job.total_steps,
+        "finished": finished,
+        "final_loss": rec.get("loss"),
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "out": str(out),
+    }
+    if rank == 0 and finished and last_ckpt is not None:
+        write_final(out, last_ckpt, summary)
+        plot_loss(log.path, out / "loss.png")
+    return summary
+
+
+# ---------------------------------------------------------------- entry points
+def run_local(job: TrainJob, device: torch.device | None = None) -> dict:
+    """The whole loop in this process, without Ray (world size 1)."""
+    device = device or torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+    seed = StageConfig(**job.stage).seed
+
+    def batches(start_micro: int) -> Iterator[dict]:
+        return iterate_local(job.files, job.counts, plan_items(job.plan[0], start_micro), seed)
+
+    return train(job, device, batches)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train per-worker entry: this rank's plan dataset is `rank<r>`, prepared by Ray Data on CPUs."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    job = TrainJob(**config)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+
+    def batches(start_micro: int) -> Iterator[dict]:
+        # the driver built this dataset from start_micro on already (see launcher)
+        for b in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+            yield {k: v[0] for k, v in b.items()}
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+        ray.train.report(scalars, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+
+    train(job, device, batches, report)
+
+
+def job_dict(job: TrainJob) -> dict:
+    return asdict(job)
