@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -86,3 +87,36 @@ def test_submit_ingest_to_a_token_auth_cluster(cluster, sample_meta, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:  # and the cluster refuses anyone without the token
         api(cluster, "/api/jobs/", token=False)
     assert e.value.code in (401, 403)
+
+
+@pytest.mark.slow
+def test_whole_chain_through_the_cluster(cluster, sample_meta, tmp_path):
+    """ingest -> curate -> pack -> train stage 1 (tiny, 2 steps), each as `ivl submit`, each SUCCEEDED in the
+    dashboard's job API, and the outputs chain: packed ids come from curate's kept ids, counts add up."""
+    from conftest import read_rows
+
+    from model.tokenizer import smollm2_gguf_path
+
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    ing, cur, pk, tr = (tmp_path / n for n in ("ingest", "curate", "pack", "train"))
+    jobs = [
+        ["ingest", sample_meta, "--out", str(ing)],
+        ["curate", "--in", str(ing), "--out", str(cur)],
+        ["pack", "--in", str(cur), "--out", str(pk), "--tokenizer", smollm2_gguf_path(), "--max-tokens", "4096"],
+        ["train", "--stage", "1", "--data", str(pk), "--model", "tiny", "--out", str(tr), "--max-steps", "2"],
+    ]
+    ids = []
+    for job in jobs:
+        p = subprocess.run([str(BIN / "ivl"), "submit", "--address", cluster["url"], "--", "ivl", *job],
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, f"{job[0]}: " + p.stdout[-3000:] + p.stderr[-2000:]
+        ids.append(next(w for w in p.stdout.split() if w.startswith(f"ivl-{job[0]}-")))
+    status = {j["submission_id"]: j["status"] for j in api(cluster, "/api/jobs/")}
+    assert [status.get(i) for i in ids] == ["SUCCEEDED"] * 4
+    s_ing, s_cur, s_pk = (json.load(open(d / "report" / "summary.json")) for d in (ing, cur, pk))
+    assert s_cur["input"] == s_ing["kept"] == s_cur["kept"] + s_cur["rejected"] + s_cur["review"]
+    kept_ids = {r["id"] for r in read_rows(cur / "kept")}
+    packed = [re.sub(r"#\d+$", "", sid) for r in read_rows(pk / "kept") for sid in r["sample_ids"]]  # piece k
+    assert set(packed) <= kept_ids and s_pk["samples"] == s_cur["kept"] - s_pk.get("rejected", 0)
+    assert json.load(open(tr / "report" / "summary.json"))["steps"] == 2
+    assert (tr / "model.safetensors").exists()
