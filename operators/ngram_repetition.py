@@ -1,0 +1,63 @@
+"""The cheap n-gram repetition screen InternVL runs on assistant turns before its LLM repetition detector
+(REFERENCE.md "Data filtering": repetition detection; ratio of repeated 10-word n-grams > 0.4).
+
+Repetition ratio = share of all word n-grams whose n-gram occurs more than once in the text (the
+Data-Juicer `word_repetition_filter` definition). Words are runs of letters/digits, lower-cased; in
+Chinese/Japanese every Han/kana character is a word, so the check works without spaces. A model
+stuck in a loop ("the cat sat on the mat. the cat sat on the mat. ...") scores near 1.0; normal
+prose scores 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
+from operators.text_rules import _WORDLIKE_RE
+
+
+def repetition_ratio(text: str, n: int = 10) -> float:
+    """Fraction of the word n-grams of `text` that belong to an n-gram seen more than once (0 if < n words)."""
+    words = _WORDLIKE_RE.findall(text.lower())
+    if len(words) < n:
+        return 0.0
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    if len(counts) == len(grams):
+        return 0.0
+    return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+@register
+class NgramRepetition(Operator):
+    """Flags samples whose chosen turns repeat the same n-grams (a looping generation)."""
+
+    name = "ngram_repetition"
+
+    class Params(BaseModel):
+        """Thresholds of the n-gram repetition screen."""
+
+        model_config = ConfigDict(extra="forbid")
+        turns: Literal["gpt", "human", "all"] = Field("gpt", description="which turns are checked")
+        n: int = Field(10, ge=2, description="n-gram length in words (CJK: characters); InternVL uses 10")
+        max_ratio: float = Field(0.4, description="flag when the repeated n-gram ratio exceeds this (InternVL: 0.4)")
+        action: Literal["review", "reject"] = Field(
+            "review", description="review (paper §4.3: repetitive samples go to manual review) or reject"
+        )
+
+    def __init__(self, **params):
+        self.params = self.Params(**params)
+
+    def __call__(self, table: pa.Table) -> Verdict:
+        p = self.params
+        ratios = np.array([repetition_ratio(t, p.n) for t in conversation_texts(table, p.turns)], np.float64)
+        verdict = Verdict.keep_all(len(ratios), {"score_ngram_repetition": ratios})
+        decision = REJECT if p.action == "reject" else REVIEW
+        for i in np.flatnonzero(ratios > p.max_ratio):
+            verdict.flag(int(i), "repeated_ngrams", decision)
+        return verdict

@@ -1,0 +1,129 @@
+"""fastText: language ID with the real lid.176.ftz on real sentences, and the quality classifier
+trained on two clearly different real text sets (man page text vs fortune cookies)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from operators.base import KEEP, REJECT, build_operator
+from operators.fasttext_ops import (
+    FasttextQuality,
+    LanguageId,
+    evaluate_classifier,
+    label_rows_from_dirs,
+    lid_model_path,
+    train_quality_classifier,
+)
+from pipeline.schema import rows_to_table
+
+EXCERPTS = os.path.join(os.path.dirname(__file__), "data", "text_excerpts.json")
+
+
+def real_texts() -> dict[str, list[str]]:
+    """Fortune cookies and bash(1) paragraphs from the installed Debian packages; the shipped
+    excerpts (tests/data/text_excerpts.json, sources listed there) when they are absent."""
+    data = json.loads(open(EXCERPTS, encoding="utf-8").read())
+    out = {"fortunes": data["fortunes"], "man_paragraphs": data["man_paragraphs"]}
+    fort = "/usr/share/games/fortunes/fortunes"
+    if os.path.exists(fort):
+        items = open(fort, encoding="utf-8", errors="replace").read().split("\n%\n")
+        out["fortunes"] = [" ".join(x.split()) for x in items if len(x.split()) > 12][:60]
+    return out
+
+SENTENCES = {  # real sentences: the opening of the Universal Declaration of Human Rights, Article 1
+    "en": "All human beings are born free and equal in dignity and rights.",
+    "fr": "Tous les êtres humains naissent libres et égaux en dignité et en droits.",
+    "de": "Alle Menschen sind frei und gleich an Würde und Rechten geboren.",
+    "es": "Todos los seres humanos nacen libres e iguales en dignidad y derechos.",
+    "zh": "人人生而自由，在尊严和权利上一律平等。",
+    "ja": "すべての人間は、生まれながらにして自由であり、かつ、尊厳と権利とについて平等である。",
+    "ru": "Все люди рождаются свободными и равными в своем достоинстве и правах.",
+}
+
+
+def sample(text: str, i: int) -> dict:
+    return {"id": f"l/{i}", "source": "l", "category": "", "images": [], "meta": "{}",
+            "conversations": [{"from": "human", "value": "Say something."}, {"from": "gpt", "value": text}]}
+
+
+def test_lid_model_is_the_real_file_inside_the_wheel():
+    path = lid_model_path()
+    assert path.endswith("lid.176.ftz") and os.path.getsize(path) > 500_000
+
+
+def test_language_id_on_real_sentences():
+    op = build_operator({"op": "language_id", "turns": "gpt"})
+    assert isinstance(op, LanguageId) and op.needs_model
+    table = rows_to_table([sample(t, i) for i, t in enumerate(SENTENCES.values())])
+    v = op(table)
+    assert v.columns["lang"].to_pylist() == list(SENTENCES)
+    assert (v.columns["score_lang"] > 0.5).all()
+    assert (v.decision == KEEP).all()  # no allowed list: annotate only
+
+
+def test_allowed_languages_and_confidence():
+    table = rows_to_table([sample(t, i) for i, t in enumerate(SENTENCES.values())])
+    v = build_operator({"op": "language_id", "turns": "gpt", "allowed": ["en", "zh"]})(table)
+    kept = [lang for lang, d in zip(SENTENCES, v.decision) if d == KEEP]
+    assert kept == ["en", "zh"]
+    assert set(v.rule) == {"", "language_not_allowed"} and (v.decision[v.decision != KEEP] == REJECT).all()
+    v = build_operator({"op": "language_id", "turns": "gpt", "min_confidence": 1.01, "min_chars": 0})(table)
+    assert set(v.rule) == {"uncertain_language"}
+    short = rows_to_table([sample("ok", 0)])
+    assert build_operator({"op": "language_id", "allowed": ["fr"], "turns": "gpt"})(short).decision[0] == KEEP
+
+
+@pytest.fixture(scope="module")
+def two_sets():
+    texts = real_texts()
+    man, fort = texts["man_paragraphs"], texts["fortunes"]
+    n = min(len(man), len(fort))
+    assert n >= 20
+    return man[:n], fort[:n]
+
+
+def test_classifier_separates_man_pages_from_fortunes(two_sets, tmp_path):
+    man, fort = two_sets
+    k = len(man) * 3 // 4
+    model = train_quality_classifier(man[:k] + fort[:k], ["man"] * k + ["fortune"] * k, str(tmp_path / "m.bin"))
+    report = evaluate_classifier(model, man[k:] + fort[k:], ["man"] * (len(man) - k) + ["fortune"] * (len(fort) - k))
+    assert report["accuracy"] >= 0.85, report
+    op = FasttextQuality(model_path=model, good_label="man", threshold=0.5)
+    v = op(rows_to_table([sample(t, i) for i, t in enumerate(man[k:] + fort[k:])]))
+    scores = v.columns["score_fasttext_quality"]
+    n_test = len(man) - k
+    assert scores[:n_test].mean() > 0.7 > 0.3 > scores[n_test:].mean()
+    assert v.rule[n_test:].count("low_quality") >= 0.8 * n_test
+
+
+def test_train_from_curate_out_split(two_sets, tmp_path):
+    """`ivl fasttext-train --label-column _split` reads kept/ vs rejected/ of a curate OUT."""
+    man, fort = two_sets
+    for split, texts in (("kept", man), ("rejected", fort)):
+        (tmp_path / split).mkdir()
+        pq.write_table(rows_to_table([sample(t, i) for i, t in enumerate(texts)]),
+                       tmp_path / split / "part-0.parquet")
+    texts, labels = label_rows_from_dirs(str(tmp_path), "_split", turns="gpt")
+    assert labels.count("kept") == len(man) and labels.count("rejected") == len(fort)
+    model = train_quality_classifier(texts, labels, str(tmp_path / "q.bin"))
+    assert evaluate_classifier(model, texts, labels)["accuracy"] >= 0.9
+    with pytest.raises(ValueError):
+        FasttextQuality(model_path=model, good_label="nope").setup()
+
+
+def test_label_column_values_become_labels(tmp_path):
+    rows = [dict(sample(t, i), bucket=b) for i, (t, b) in enumerate([("a b c", "high"), ("d e f", "low")])]
+    import pyarrow as pa
+
+    table = rows_to_table(rows).append_column("bucket", pa.array(["high", "low"]))
+    pq.write_table(table, tmp_path / "s.parquet")
+    texts, labels = label_rows_from_dirs(str(tmp_path), "bucket")
+    assert labels == ["high", "low"] and "a b c" in texts[0]
+    with pytest.raises(KeyError):
+        label_rows_from_dirs(str(tmp_path), "missing")
+    with pytest.raises(ValueError):
+        train_quality_classifier(["x"], ["only"], str(tmp_path / "x.bin"))
