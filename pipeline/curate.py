@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator
+from pipeline.distill_stage import DistillConfig, distilled_stages, llm_stage_index
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
     list_input_shards,
@@ -37,6 +38,7 @@ from pipeline.io import (
     write_parquet_atomic,
     write_shards,
 )
+from pipeline.llm_report import llm_plots
 from pipeline.report import SPLITS, bar_chart, check_accounting, histogram, merge_counts, write_summary
 from pipeline.schema import CANONICAL
 
@@ -56,6 +58,14 @@ class CurateConfig(BaseModel):
     dedup: dict[str, Any] | None = Field(None, description="global dedup settings (pipeline.dedup_stage.DedupConfig)")
     batch_size: int = Field(256, description="rows per map_batches call")
     actors: int = Field(1, description="actor pool size for operators that hold a model")
+    distill: DistillConfig | None = Field(
+        None, description="LLM on a sample + fastText on all rows instead of llm_quality on all rows")
+
+    @model_validator(mode="after")
+    def _distill_has_llm_stage(self) -> CurateConfig:
+        if self.distill is not None:
+            llm_stage_index(self.stages)
+        return self
 
 
 def load_operators() -> None:
@@ -282,6 +292,8 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
     done = (lambda k: read_marker(out_dir, f"stage-{k}") or read_marker(out_dir, k)) if staged else \
         (lambda k: read_marker(out_dir, k))
     todo = [f for f in files if done(keys[f]) is None]
+    if cfg.distill is not None:  # LLM on a sample -> fastText; resumes from OUT/_distill/done.json
+        cfg = cfg.model_copy(update={"stages": distilled_stages(cfg.stages, files, out_dir, cfg.distill)})
     if todo:  # phase 1: per-row operators, grouped back per input shard
         ds = ray.data.from_items([{"path": f} for f in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_load_shard, fn_kwargs={"keys": keys}, batch_size=1, batch_format="pyarrow")
@@ -381,6 +393,7 @@ def write_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] 
               "curate: rows sent to review per rule")
     frac = {s: round(c.get("kept", 0) / c["input"], 3) for s, c in summary["sources"].items() if c.get("input")}
     bar_chart(frac, os.path.join(rdir, "kept_fraction_by_source.png"), "curate: kept fraction per source", "fraction")
+    llm_plots(out_dir, summary, thresholds)  # per-domain LLM score histograms, decisions, rows/s
     kept_dir = os.path.join(out_dir, "kept")
     if not os.path.isdir(kept_dir):
         return

@@ -78,6 +78,9 @@ class _LLMScoreOperator(Operator):
         if self.backend is None:
             self.backend = make_backend(self.params.backend)
 
+    def thresholds(self) -> dict[str, list[float]]:
+        return {f"score_{self.task}": [self.params.threshold]}
+
     def plan(self, table: pa.Table) -> tuple[list[tuple[str, str] | None], list[str | None]]:
         """Per row: (prompt template, sample text) or None to skip; plus per-row extra label."""
         raise NotImplementedError

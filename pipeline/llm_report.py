@@ -1,0 +1,119 @@
+"""The LLM part of the curate report (issue 5 item 6): score histograms per domain with the
+thresholds drawn, rows per decision of each LLM operator, and its throughput.
+
+Scores come from the routed shards (kept/ rejected/ review/). When the quality score was
+distilled (pipeline/distill_stage.py), `llm_quality` ran on the sample only, so its histograms and
+decisions come from OUT/_distill/sample_scores.parquet and its rows/s from report/distill.json.
+Stages are recognised by their operator's name (`llm_quality`, `llm_repetition`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections import Counter
+
+import pyarrow.parquet as pq
+
+from operators.base import KEEP, REJECT, REVIEW
+from pipeline.report import SPLITS, bar_chart, histogram
+
+LLM_TASKS = {"llm_quality": "quality", "llm_repetition": "repetition"}  # operator name -> score task
+DOMAIN = "llm_quality_domain"
+NO_DOMAIN = "other"
+SCORE_BINS = [i / 4 for i in range(41)]  # fixed 0..10 axis, so the threshold line is always in view  # rows the quality operator did not label (multimodal, or rejected before it)
+
+
+def read_llm_columns(paths: list[str]) -> dict[str, list]:
+    """The LLM score, domain and error columns of these Parquet files, concatenated (missing -> None)."""
+    wanted = [DOMAIN, "_decision"] + [c for t in LLM_TASKS.values() for c in (f"score_{t}", f"llm_{t}_error")]
+    out: dict[str, list] = {c: [] for c in wanted}
+    for path in paths:
+        names = set(pq.read_schema(path).names)
+        t = pq.read_table(path, columns=[c for c in wanted if c in names])
+        for c in wanted:
+            out[c].extend(t.column(c).to_pylist() if c in names else [None] * t.num_rows)
+    return out
+
+
+def _routed_files(out_dir: str) -> list[str]:
+    return sorted(f for s in SPLITS for f in glob.glob(os.path.join(out_dir, s, "**", "*.parquet"), recursive=True))
+
+
+def _is_num(v) -> bool:
+    return v is not None and not math.isnan(v)
+
+
+def operator_figures(cols: dict[str, list], task: str, op_counts: dict, seconds: float | None) -> dict | None:
+    """{rows, scored, rows_per_s, kept, review, rejected} of one LLM operator over the routed rows.
+
+    rows: rows that reached the operator (score column not null; skipped rows hold NaN); scored:
+    rows sent to the model (a score or an error). rejected/review: the rows the runner attributes to
+    the operator (a row it sent to review that a later operator rejected counts as that one's)."""
+    score, error = cols[f"score_{task}"], cols[f"llm_{task}_error"]
+    rows = sum(v is not None for v in score)
+    if rows == 0:
+        return None
+    scored = sum(_is_num(v) or e is not None for v, e in zip(score, error))
+    rejected, review = op_counts.get("rejected", 0), op_counts.get("review", 0)
+    return {"rows": rows, "scored": scored, "kept": rows - rejected - review, "review": review,
+            "rejected": rejected, "seconds": round(seconds, 3) if seconds else None,
+            "rows_per_s": round(scored / seconds, 3) if seconds else None}
+
+
+def _distilled_quality(out_dir: str) -> tuple[dict[str, list], dict] | None:
+    """The LLM's scores and decisions on the distillation sample, with the distill report."""
+    sample = os.path.join(out_dir, "_distill", "sample_scores.parquet")
+    report = os.path.join(out_dir, "report", "distill.json")
+    if not (os.path.exists(sample) and os.path.exists(report)):
+        return None
+    with open(report) as f:
+        info = json.load(f)
+    return read_llm_columns([sample]), info
+
+
+def llm_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] | None = None) -> dict:
+    """Draw OUT/report/llm_*.png and set `summary["llm"] = {op: {rows, rows_per_s, kept, review,
+    rejected, ...}}` (left out when no LLM operator ran). Returns that dict."""
+    thresholds = thresholds or {}
+    rdir = os.path.join(out_dir, "report")
+    seconds = summary.get("stage_seconds", {})
+    ran = any(op in seconds for op in LLM_TASKS)  # curate runs without LLM stages read nothing
+    files = _routed_files(out_dir) if ran else []
+    routed = read_llm_columns(files) if files else None
+    figures: dict[str, dict] = {}
+    sources: dict[str, dict[str, list]] = {}  # task -> the columns its histograms come from
+    for op, task in LLM_TASKS.items():
+        fig = operator_figures(routed, task, summary.get("operators", {}).get(op, {}), seconds.get(op)) if routed else None
+        if fig:
+            figures[op], sources[task] = fig, routed
+    distilled = _distilled_quality(out_dir)
+    if distilled and "llm_quality" not in figures:
+        cols, info = distilled
+        decisions = Counter(cols["_decision"])
+        figures["llm_quality"] = {
+            "rows": len(cols["_decision"]), "scored": info["sampled"], "kept": decisions[KEEP],
+            "review": decisions[REVIEW], "rejected": decisions[REJECT], "seconds": info["llm_seconds"],
+            "rows_per_s": info["llm_rows_per_s"], "distilled": True, "agreement": info["agreement"],
+            "decision_agreement": info["decision_agreement"]}
+        sources["quality"] = cols
+        thresholds = {**thresholds, "score_quality": thresholds.get("score_quality") or [info["llm_threshold"]]}
+    for task, cols in sources.items():
+        col = f"score_{task}"
+        by_domain: dict[str, list[float]] = {}
+        for v, d in zip(cols[col], cols[DOMAIN]):
+            if _is_num(v):
+                by_domain.setdefault(d or NO_DOMAIN, []).append(v)
+        for domain, vals in sorted(by_domain.items()):
+            histogram(vals, os.path.join(rdir, f"llm_{col}_{domain}.png"),
+                      f"{col}, domain {domain} ({len(vals)} rows)", thresholds.get(col), bins=SCORE_BINS)
+    if not figures:
+        return {}
+    bar_chart({f"{op}:{d}": f[d] for op, f in figures.items() for d in ("kept", "review", "rejected")},
+              os.path.join(rdir, "llm_decisions.png"), "LLM operators: rows per decision")
+    bar_chart({op: f["rows_per_s"] for op, f in figures.items() if f["rows_per_s"]},
+              os.path.join(rdir, "llm_throughput.png"), "LLM operators: rows scored per second", "rows/s")
+    summary["llm"] = figures
+    return figures
