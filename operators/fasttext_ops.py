@@ -87,7 +87,7 @@ class LanguageId(Operator):
         p = self.params
         texts = conversation_texts(table, p.turns)
         langs, conf = predict_language(self._model, texts)
-        verdict = Verdict.keep_all(len(texts), {"lang": pa.array(langs, pa.string()), "score_lang": conf})
+        verdict = Verdict.keep_all(len(texts), {"lang": langs, "score_lang": conf})
         decision = REJECT if p.action == "reject" else REVIEW
         allowed = set(p.allowed) if p.allowed else None
         for i, (text, lang, c) in enumerate(zip(texts, langs, conf)):

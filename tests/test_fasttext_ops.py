@@ -60,7 +60,7 @@ def test_language_id_on_real_sentences():
     assert isinstance(op, LanguageId) and op.needs_model
     table = rows_to_table([sample(t, i) for i, t in enumerate(SENTENCES.values())])
     v = op(table)
-    assert v.columns["lang"].to_pylist() == list(SENTENCES)
+    assert v.columns["lang"] == list(SENTENCES)
     assert (v.columns["score_lang"] > 0.5).all()
     assert (v.decision == KEEP).all()  # no allowed list: annotate only
 
