@@ -121,7 +121,14 @@ def train_quality_classifier(
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     try:
-        model = fasttext.train_supervised(input=f.name, verbose=0, **args)
+        for _attempt in range(4):
+            try:
+                model = fasttext.train_supervised(input=f.name, verbose=0, **args)
+                break
+            except RuntimeError as e:  # fastText diverges on small, easy sets at high lr: halve it and retry
+                if "NaN" not in str(e) or _attempt == 3:
+                    raise
+                args["lr"] = args["lr"] / 2
     finally:
         os.unlink(f.name)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
