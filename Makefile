@@ -24,14 +24,16 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -x
+	$(VENV)/bin/pytest -q -x -m "not cluster"
+	$(VENV)/bin/pytest -q -x -m cluster
 	$(PY) ../shared/tools/check_contract.py $(CONTRACT_STEPS)
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not cluster"
 
 e2e: setup
-	$(VENV)/bin/pytest -q -m slow
+	$(VENV)/bin/pytest -q -m "slow and not cluster"
+	$(VENV)/bin/pytest -q -m cluster
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -24,16 +24,17 @@ def sample_images() -> list[str]:
     return sorted(p for p in glob.glob(str(SAMPLE / "images" / "**" / "*.png"), recursive=True) if "broken" not in p)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """One embedded local Ray (2 CPUs) for every test that needs it."""
+    """One embedded local Ray for every test that needs it: 4 logical CPUs on the 2-core machine, so
+    2 Ray Train workers and Ray Data's map tasks can run side by side."""
     import ray
 
     os.environ.setdefault("IVL_PROGRESS", "0")
     if not ray.is_initialized():
         # workers import test-defined operator plugins (`test_module:Class`) from tests/
         path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -14,19 +14,6 @@ from conftest_train import cache_dir, small_packed_dataset, smollm_tokenizer  # 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipeline.session import init_ray
-
-    started = not ray.is_initialized()
-    init_ray(num_cpus=4)  # 2 train workers + Ray Data's CPU map tasks on a 2-core machine
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_two_cpu_workers_train_and_checkpoint(ray_local, request, tmp_path):
     from transformers import InternVLForConditionalGeneration
 

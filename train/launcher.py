@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from train.checkpoint import latest_checkpoint, load_trainer_state
@@ -113,7 +114,9 @@ def _run_ray(job: TrainJob, workers: int, use_gpu: bool, address: str | None, cp
 
     from pipeline.session import init_ray
 
-    init_ray(address, job_name=f"ivl-train-stage{job.stage['stage']}")
+    # an embedded Ray needs a CPU slot per worker plus room for Ray Data's decode/tiling tasks
+    cpus = None if address else max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker) + 2)
+    init_ray(address, num_cpus=cpus, job_name=f"ivl-train-stage{job.stage['stage']}")
     seed = job.stage["seed"]
     start_micro = job.start_step * job.stage["grad_accum"]
     datasets = {}
