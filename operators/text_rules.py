@@ -17,7 +17,9 @@ counts whenever they cannot reach a threshold, so decisions stay identical to th
 from __future__ import annotations
 
 import re
-from itertools import chain
+import struct
+from itertools import chain, compress
+from operator import not_
 from typing import Literal
 
 import numpy as np
@@ -107,8 +109,6 @@ def _token_re(cjk: bool) -> re.Pattern:
 
 _TOKEN_RE, _CJK_TOKEN_RE = _token_re(False), _token_re(True)
 _ALPHA_RE = re.compile(r"[^\W\d_]")  # a letter: Gopher's "word with at least one alphabetic character"
-_PARA_SPLIT = re.compile(r"\n{2,}")  # DataTrove GopherRepetitionFilter.paragraph_exp
-_LINE_SPLIT = re.compile(r"\n+")  # DataTrove GopherRepetitionFilter._line_splitter
 # A sentence ends at terminal punctuation followed by space, at CJK terminal punctuation, or at a newline.
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n")
 _WORDLIKE_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
@@ -182,41 +182,43 @@ _PUNCT_SET = frozenset(_PUNCT)
 # 16 * id + 8 * (CJK stop word) + 4 * (stop word) + 2 * (not a symbol word) + (has a letter);
 # n-grams are hashed from the ids. A whitespace-separated chunk's words depend on that chunk alone,
 # so each distinct chunk is tokenized once and kept as packed int64 (code, length) pairs.
-_WORD_CODES: dict[str, int] = {}
-_CHUNKS: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})  # chunk -> int64 (code, length) pairs
+_WORD_PAIRS: dict[str, bytes] = {}  # word -> its packed (code, length)
+_CHUNKS: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})  # chunk -> its words' pairs, joined
 _CACHE_LIMIT = 1_000_000  # ~250 MB at most; a 50k-document corpus has ~0.9M distinct chunks
+_PAIR = struct.Struct("=qq")  # native int64 (code, length), as np.frombuffer reads it back
 _next_id = [1]
 
 
-def _new_word(w: str) -> None:
-    c = 16 * _next_id[0] + 8 * (w in CJK_STOP_WORDS) + 4 * (w in STOP_WORDS)
-    _WORD_CODES[w] = c + 2 * (not _PUNCT_SET.issuperset(w)) + (_ALPHA_RE.search(w) is not None)
-    _next_id[0] += 1
+def _add_words(words: set[str]) -> None:
+    """Give new words their codes."""
+    first = _next_id[0]
+    _next_id[0] += len(words)
+    pack, symbols, letter = _PAIR.pack, _PUNCT_SET.issuperset, _ALPHA_RE.search
+    _WORD_PAIRS.update({
+        w: pack(16 * i + 8 * (w in CJK_STOP_WORDS) + 4 * (w in STOP_WORDS) + 2 * (not symbols(w))
+                + (w.isalpha() or letter(w) is not None), len(w))
+        for i, w in enumerate(words, first)
+    })
 
 
 def encode(text: str, cjk: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per word of `tokenize(text, cjk)`: its code (see _WORD_CODES) and its length."""
+    """Per word of `tokenize(text, cjk)`: its code (see _WORD_PAIRS) and its length."""
     cache = _CHUNKS[cjk]
-    if len(cache) > _CACHE_LIMIT or len(_WORD_CODES) > _CACHE_LIMIT:  # bounded; never mid-text
-        _WORD_CODES.clear()
+    if len(cache) > _CACHE_LIMIT or len(_WORD_PAIRS) > _CACHE_LIMIT:  # bounded; never mid-text
+        _WORD_PAIRS.clear()
         _CHUNKS[0].clear()
         _CHUNKS[1].clear()
     chunks = text.split()
-    entries = list(map(cache.get, chunks))
-    if None in entries:
-        regex = _CJK_TOKEN_RE if cjk else _TOKEN_RE
-        new = list(set(chunks).difference(cache))
-        per_chunk = list(map(regex.findall, new))
-        words = list(chain.from_iterable(per_chunk))
-        for w in set(words).difference(_WORD_CODES):
-            _new_word(w)
-        pairs = np.empty((len(words), 2), np.int64)
-        pairs[:, 0] = np.fromiter(map(_WORD_CODES.__getitem__, words), np.int64, len(words))
-        pairs[:, 1] = np.fromiter(map(len, words), np.int64, len(words))
-        buf = pairs.tobytes()
-        ends = np.cumsum(np.fromiter(map(len, per_chunk), np.int64, len(new)) * 16).tolist()
-        cache.update(zip(new, [buf[a:b] for a, b in zip([0, *ends], ends)]))
-        entries = list(map(cache.get, chunks))
+    entries = list(map(cache.get, chunks))  # one pass over a large dict: most of the time
+    if None in entries:  # tokenize this text's new chunks, all at once
+        missing = list(compress(range(len(entries)), map(not_, entries)))  # a cached entry is never b""
+        new = list(dict.fromkeys([chunks[i] for i in missing]))
+        per_chunk = list(map((_CJK_TOKEN_RE if cjk else _TOKEN_RE).findall, new))
+        _add_words(set(chain.from_iterable(per_chunk)).difference(_WORD_PAIRS))
+        pair = _WORD_PAIRS.__getitem__
+        cache.update(zip(new, [b"".join(map(pair, words)) for words in per_chunk]))
+        for i in missing:
+            entries[i] = cache[chunks[i]]
     arr = np.frombuffer(b"".join(entries), np.int64).reshape(-1, 2)
     return arr[:, 0], arr[:, 1]
 
@@ -226,9 +228,9 @@ def _quality_stats(codes: np.ndarray, lens: np.ndarray) -> tuple[int, float, flo
     n = len(codes)
     if not n:
         return 0, 0.0, 0.0
-    nonsym = (codes & 2).astype(bool)
+    nonsym = (codes & 2) != 0
     n_nonsym = int(np.count_nonzero(nonsym))
-    mean_len = float(lens[nonsym].mean()) if n_nonsym else 0.0
+    mean_len = int(lens[nonsym].sum()) / n_nonsym if n_nonsym else 0.0  # == .mean(): exact sum, one rounding
     return n_nonsym, mean_len, int(np.count_nonzero(codes & 1)) / n
 
 
@@ -248,9 +250,8 @@ class _NgramHashes:
 
     def __call__(self, n: int) -> np.ndarray:
         if n not in self.done:
-            m = len(self.ids) - n + 1
-            with np.errstate(over="ignore"):
-                self.done[n] = (self(n - 1)[:m] + self.ids[n - 1 : n - 1 + m]) * _MIX
+            m = len(self.ids) - n + 1  # (numpy integer arrays wrap silently)
+            self.done[n] = (self(n - 1)[:m] + self.ids[n - 1 : n - 1 + m]) * _MIX
         return self.done[n]
 
 
@@ -262,8 +263,10 @@ def _top_ngram(hn: np.ndarray, glen: np.ndarray) -> tuple[int, int]:
     new_group = np.empty(len(s), bool)
     new_group[0] = True
     np.not_equal(s[1:], s[:-1], out=new_group[1:])
-    starts = np.flatnonzero(new_group)
-    counts = np.diff(starts, append=len(s))
+    starts = new_group.nonzero()[0]
+    counts = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+    counts[-1] = len(s) - starts[-1]
     cmax = int(counts.max())
     first = int(order[starts[counts == cmax]].min())
     return int(glen[first]) * cmax, cmax
@@ -328,6 +331,10 @@ def _ngram_reason(codes: np.ndarray, lens: np.ndarray, text_len: int, p: TextRul
     repeat_pos = _repeats(hashes(n0))[0]  # positions whose n0-gram repeats an earlier one
     if not len(repeat_pos):
         return ""
+    # One bound for every n at once: each candidate covering its longest n-gram (or the rest of the text).
+    longest = cum[np.minimum(repeat_pos + max(p.dup_ngram_char_frac), n_words)] - cum[repeat_pos]
+    if int(longest.sum()) / text_len <= min(p.dup_ngram_char_frac.values()):
+        return ""
     for n, frac in sorted(p.dup_ngram_char_frac.items()):
         if n_words < n:
             continue
@@ -343,16 +350,41 @@ def _ngram_reason(codes: np.ndarray, lens: np.ndarray, text_len: int, p: TextRul
     return ""
 
 
-def _line_reason(text: str, p: TextRuleParams) -> tuple[str, float, float]:
-    """Duplicate paragraph and line rules; returns (reason, dup line fraction, dup line char fraction)."""
-    paras = _PARA_SPLIT.split(text.strip())
+def _paragraphs(text: str) -> list[str]:
+    """DataTrove's paragraphs, re.split(r"\n{2,}", text.strip()), with str.split (3x faster): a run of
+    3+ newlines leaves a piece starting with "\n" or an empty one, which a real paragraph never is."""
+    s = text.strip()
+    parts = s.split("\n\n")
+    if "\n\n\n" in s:
+        parts = list(filter(None, [q.lstrip("\n") for q in parts]))
+    return parts
+
+
+def _lines(text: str) -> list[str]:
+    """DataTrove's lines, re.split(r"\n+", text), with str.split: no empty line but at either end."""
+    if not text:
+        return [""]
+    lines = list(filter(None, text.split("\n")))
+    if text.startswith("\n"):
+        lines.insert(0, "")
+    if text.endswith("\n"):
+        lines.append("")
+    return lines
+
+
+def _line_reason(text: str, p: TextRuleParams, need_stats: bool = True) -> tuple[str, float, float]:
+    """Duplicate paragraph and line rules; returns (reason, dup line fraction, dup line char fraction)
+    (the fractions are 0 when a paragraph rule fires and `need_stats` is False)."""
+    paras = _paragraphs(text)
     n_dup, c_dup = _dup_count_chars(paras)
     reason = ""
     if p.dup_para_frac is not None and n_dup / len(paras) > p.dup_para_frac:
         reason = "dup_para_frac"
     elif p.dup_para_char_frac is not None and c_dup / len(text) > p.dup_para_char_frac:
         reason = "dup_para_char_frac"
-    lines = _LINE_SPLIT.split(text)
+    if reason and not need_stats:
+        return reason, 0.0, 0.0
+    lines = _lines(text)
     n_dup, c_dup = _dup_count_chars(lines)
     line_frac, line_char_frac = n_dup / len(lines), c_dup / len(text)
     if not reason:
@@ -378,19 +410,28 @@ def _quality_reason(text: str, codes: np.ndarray, stats: tuple[int, float, float
             return "short_mean_word"
         if p.max_mean_word_len is not None and mean_len > p.max_mean_word_len:
             return "long_mean_word"
+    n_ellipses = text.count("...") + text.count("…")
     if p.max_symbol_word_ratio is not None:
         if text.count("#") / n_words > p.max_symbol_word_ratio:
             return "many_hashes"
-        if (text.count("...") + text.count("…")) / n_words > p.max_symbol_word_ratio:
+        if n_ellipses / n_words > p.max_symbol_word_ratio:
             return "many_ellipses"
-    lines = text.splitlines()
-    if p.max_bullet_lines_frac is not None and ("-" in text or "•" in text):
+    # The line rules split lines only when they could fire: a text has at least count("\n") lines (at
+    # least one), at most count("-") + count("•") of them start with a bullet and at most n_ellipses end
+    # with an ellipsis.
+    min_lines = max(1, text.count("\n"))
+    lines = None
+    frac = p.max_bullet_lines_frac
+    if frac is not None and (text.count("-") + text.count("•")) / min_lines > frac:
+        lines = text.splitlines()
         bullets = sum(1 for s in map(str.lstrip, lines) if s.startswith(("•", "-")))
-        if bullets / len(lines) > p.max_bullet_lines_frac:
+        if bullets / len(lines) > frac:
             return "bullet_lines"
-    if p.max_ellipsis_lines_frac is not None and ("..." in text or "…" in text):
+    frac = p.max_ellipsis_lines_frac
+    if frac is not None and n_ellipses / min_lines > frac:
+        lines = lines or text.splitlines()
         ends = sum(1 for s in map(str.rstrip, lines) if s.endswith(("...", "…")))
-        if ends / len(lines) > p.max_ellipsis_lines_frac:
+        if ends / len(lines) > frac:
             return "ellipsis_lines"
     if p.min_alpha_word_frac is not None and alpha_frac < p.min_alpha_word_frac:
         return "few_alpha_words"
@@ -408,7 +449,7 @@ def gopher_decide(text: str, params: TextRuleParams = GOPHER_DEFAULTS) -> tuple[
     the first rule that fires (cheapest first: lines, then word counts, then n-grams)."""
     if not text:
         return False, "empty"
-    reason = _line_reason(text, params)[0]
+    reason = _line_reason(text, params, need_stats=False)[0]
     if reason:
         return False, reason
     cjk = is_mostly_cjk(text, params.cjk_min_frac)

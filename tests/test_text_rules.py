@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,8 @@ from operators.ngram_repetition import repetition_ratio
 from operators.text_rules import (
     GOPHER_DEFAULTS,
     TextRuleParams,
+    _lines,
+    _paragraphs,
     analyze,
     encode,
     gopher_decide,
@@ -150,6 +153,10 @@ def test_gopher_quality_rules_hit_and_miss():
     no_stop = " ".join(w for w in PROSE.split() if w.lower() not in {"the", "to", "of", "and", "with"})
     assert gopher_decide(no_stop)[1] == "few_stop_words"
     assert gopher_decide(" ".join(["incomprehensibilities"] * 80 + PROSE.split()))[1] == "long_mean_word"
+    lines = [" ".join(PROSE.split()[10 * i : 10 * i + 10]) for i in range(7)]
+    trailing = "\n".join(line + ("..." if i % 2 else "") for i, line in enumerate(lines))  # 3 of 7 lines
+    assert gopher_decide(trailing)[1] == "ellipsis_lines"
+    assert gopher_decide("\n".join(lines[:3]) + "...\n" + "\n".join(lines[3:]))[0] is True  # 1 of 7
 
 
 def test_gopher_repetition_rules_hit_and_miss():
@@ -223,6 +230,14 @@ def test_cached_encoding_matches_the_tokenizer(text):
     for cjk in (False, True):
         codes, lens = encode(text, cjk)
         assert lens.tolist() == [len(w) for w in tokenize(text, cjk)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab \n\t\r", max_size=40))
+def test_line_and_paragraph_splits_are_datatrove_regex_splits(text):
+    """The str.split versions give exactly DataTrove's re.split lines and paragraphs."""
+    assert _lines(text) == re.split(r"\n+", text)
+    assert _paragraphs(text) == re.split(r"\n{2,}", text.strip())
 
 
 @settings(max_examples=40, deadline=None)
