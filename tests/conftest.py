@@ -24,7 +24,7 @@ def sample_images() -> list[str]:
     return sorted(p for p in glob.glob(str(SAMPLE / "images" / "**" / "*.png"), recursive=True) if "broken" not in p)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ray_local():
     """One embedded local Ray for every test that needs it: 4 logical CPUs on the 2-core machine, so
     2 Ray Train workers and Ray Data's map tasks can run side by side."""
