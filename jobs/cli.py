@@ -30,8 +30,12 @@ def _done(summary_path: str, summary: dict, keys=("input", "kept", "rejected", "
 
 def cmd_ingest(a) -> None:
     from pipeline.ingest import run_ingest
+    from pipeline.io import check_readable
+    from pipeline.readers import entries_from_sources
     from pipeline.session import ray_session
 
+    if a.fail_fast:  # before Ray starts, so the error is the one line printed
+        check_readable([e.path for e in entries_from_sources(a.src, a.image_root) if e.kind != "jsonl"])
     with ray_session(a.address, a.num_cpus):
         s = run_ingest(a.src, a.out, fmt=a.format, image_root=a.image_root, rows_per_shard=a.rows_per_shard)
     _done(os.path.join(a.out, "report", "summary.json"), s)
@@ -39,9 +43,12 @@ def cmd_ingest(a) -> None:
 
 def cmd_curate(a) -> None:
     from pipeline.curate import load_curate_config, run_curate
+    from pipeline.io import check_readable, list_input_shards
     from pipeline.session import ray_session
 
     cfg = load_curate_config(a.config)  # bad config fails here, before Ray starts
+    if a.fail_fast:
+        check_readable(list_input_shards(a.inp))
     with ray_session(a.address, a.num_cpus):
         s = run_curate(a.inp, a.out, cfg, rows_per_shard=a.rows_per_shard, fmt=a.format)
     _done(os.path.join(a.out, "report", "summary.json"), s)
@@ -101,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")
     p.add_argument("--image-root", default=None, help="image folder for bare .jsonl sources")
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at start on a truncated/corrupt shard instead of reporting it as a rejected row")
     _add_common(p)
     p.set_defaults(fn=cmd_ingest)
 
@@ -110,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML (default: jobs/configs/curate.yaml)")
     p.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at start on a truncated/corrupt shard instead of reporting it as a rejected row")
     _add_common(p)
     p.set_defaults(fn=cmd_curate)
 

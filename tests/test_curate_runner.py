@@ -128,3 +128,15 @@ def test_corrupt_input_shard_is_reported_and_the_rest_processed(ray_local, tmp_p
     assert s["reasons"]["input:corrupt_shard"] == 1 and s["input"] == 21
     bad = [r for r in read_rows(tmp_path / "out" / "rejected") if r["reject_reason"] == "input:corrupt_shard"]
     assert "shard-9.parquet" in json.loads(bad[0]["meta"])["file"]
+
+
+def test_fail_fast_names_the_corrupt_shard_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    write_input(tmp_path / "in", n_shards=1)
+    (tmp_path / "in" / "kept" / "shard-9.parquet").write_bytes(b"PAR1 this is not parquet")
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "curate", "--in", str(tmp_path / "in"), "--out",
+                        str(tmp_path / "out"), "--fail-fast"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "shard-9.parquet" in p.stderr and p.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out" / "kept").exists()
