@@ -64,6 +64,9 @@ def test_stop_and_resume_matches_uninterrupted_run(data, tmp_path):
     assert state["step"] == 4 and state["data_position"]["micro_batches_per_rank"] == 8
 
 
+STEPS = 16  # long enough that the kill lands mid-run on a fast machine
+
+
 @pytest.mark.slow
 def test_killed_process_resumes(data, tmp_path):
     """A real SIGKILL mid-run, then --resume: ends at the same step with the same data order."""
@@ -71,7 +74,7 @@ def test_killed_process_resumes(data, tmp_path):
     code = (
         "import sys; from train.launcher import run_train; "
         f"run_train('1', {str(data)!r}, 'tiny', {str(out)!r}, config={{'save_every': 1, 'warmup_steps': 0}}, "
-        "max_steps=6, use_ray=False)"
+        f"max_steps={STEPS}, use_ray=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)
     try:
@@ -79,20 +82,20 @@ def test_killed_process_resumes(data, tmp_path):
         while (
             time.time() < deadline and not (out / "checkpoints" / "step_000002" / "trainer_state.pt").exists()
         ):
-            time.sleep(0.5)
+            time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = latest_checkpoint(out)
-    assert done is not None and int(done.name.split("_")[1]) < 6
+    assert done is not None and int(done.name.split("_")[1]) < STEPS
     summary = run_train(
         "1",
         data,
         "tiny",
         out,
         config={"save_every": 1, "warmup_steps": 0},
-        max_steps=6,
+        max_steps=STEPS,
         use_ray=False,
         resume=True,
     )
@@ -102,10 +105,10 @@ def test_killed_process_resumes(data, tmp_path):
         "tiny",
         tmp_path / "ref",
         config={"save_every": 1, "warmup_steps": 0},
-        max_steps=6,
+        max_steps=STEPS,
         use_ray=False,
     )
-    assert summary["steps"] == ref["steps"] == 6
+    assert summary["steps"] == ref["steps"] == STEPS
     assert [r["sample_ids"] for r in _metrics(out)] == [r["sample_ids"] for r in _metrics(tmp_path / "ref")]
     assert summary["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-5)
 
