@@ -114,7 +114,11 @@ def train_quality_classifier(
         raise ValueError("need as many labels as texts, and at least one")
     if len(set(labels)) < 2:
         raise ValueError(f"need at least two distinct labels, got {sorted(set(labels))}")
-    rows = [f"__label__{_label_token(lab)} {line}" for lab, line in zip(labels, _one_line(texts, 20_000))]
+    # a line with a label and no words makes fastText average over zero vectors: NaN loss, so skip it
+    rows = [f"__label__{_label_token(lab)} {line}" for lab, line in zip(labels, _one_line(texts, 20_000))
+            if line.strip()]
+    if len({r.split(" ", 1)[0] for r in rows}) < 2:
+        raise ValueError("need at least two distinct labels among the non-empty texts")
     random.Random(seed).shuffle(rows)
     args = {"epoch": 25, "lr": 0.5, "wordNgrams": 2, "dim": 64, "minCount": 1, "thread": 1, "seed": seed}
     args.update(hyper)
@@ -128,7 +132,7 @@ def train_quality_classifier(
             except RuntimeError as e:  # fastText diverges on small, easy sets at high lr: halve it and retry
                 if "NaN" not in str(e) or _attempt == 3:
                     raise
-                args["lr"] = args["lr"] / 2
+                args["lr"], args["seed"] = args["lr"] / 2, args["seed"] + 1
     finally:
         os.unlink(f.name)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
