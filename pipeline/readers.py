@@ -211,7 +211,7 @@ def _load_files(root: str, image) -> tuple[list[bytes], list[str], str | None]:
         try:
             with open(full, "rb") as f:
                 out.append(f.read())
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a path with a NUL byte
             return [], resolved, "missing_image"
     return out, resolved, None
 

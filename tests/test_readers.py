@@ -185,3 +185,9 @@ def test_parquet_canonical_and_foreign(tmp_path, sample_images):
     assert [r["id"] for r in kept] == ["x/1", "hf/hf/0", "hf/hf/1"]
     assert json.loads(kept[0]["meta"])["max_dynamic_patch"] == 4 and kept[0]["images"] == [img]
     assert sorted(r["reject_reason"] for r in rejected) == ["ingest:corrupt_shard"] + ["ingest:foreign_schema"] * 2
+
+
+def test_image_path_with_a_nul_byte_is_rejected(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"image": "a\u0000.png", "conversations": conv()}])  # found by fuzzing
+    _, rejected = read_all([str(tmp_path / "a.jsonl")])
+    assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
