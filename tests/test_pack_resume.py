@@ -219,7 +219,8 @@ def test_driver_killed_mid_pack_rerun_resumes_to_identical_outputs(ingested, ggu
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "report" / "summary.json").read_text())
-    assert s["resumed_shards"] == committed and 0 < s["tokenized_rows"] < s["input"], "killed while tokenizing"
+    # a Ray worker of the killed job may still commit the shard it was on before it dies, hence >=
+    assert s["resumed_shards"] >= committed and 0 < s["tokenized_rows"] < s["input"], "killed while tokenizing"
     # the CLI writes the default rows_per_shard; the clean reference uses the same
     ref, ref_summary = clean(rows_per_shard=pack_job.DEFAULT_ROWS_PER_SHARD)
     assert counts(s) == counts(ref_summary)
