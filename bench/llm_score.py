@@ -33,17 +33,6 @@ from operators.llm.hf_backend import HFBackend  # noqa: E402
 from operators.llm.prompts import quality_template, render_sample  # noqa: E402
 from operators.llm.scoring import TWO_STEP, ScoreTokens  # noqa: E402
 
-QWEN25_05B = dict(  # Qwen2.5-0.5B's config.json shape
-    hidden_size=896,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    intermediate_size=4864,
-    vocab_size=151936,
-    max_position_embeddings=32768,
-    tie_word_embeddings=True,
-    rope_theta=1_000_000.0,
-)
 QWEN_DIGITS = tuple(range(15, 25))  # byte-level BPE: "0".."9" are ids 15..24 in Qwen2.5's vocabulary
 
 
@@ -168,12 +157,16 @@ def cpu_main(args) -> None:
 
 
 def gpu_main(args) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
+
+    from model.build import PRESETS, _text_config
 
     assert args.model_config == "qwen2.5-0.5b", "only qwen2.5-0.5b's shape is built in"
     device = args.device
     torch.manual_seed(0)
-    config = Qwen2Config(**QWEN25_05B, attn_implementation="sdpa")
+    # the `1b` preset's LLM is Qwen2.5-0.5B's shape; _text_config handles transformers 4.5x and 5.x rope args
+    config = _text_config(151936, PRESETS["1b"].text, tie=True)
+    config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -356,8 +357,6 @@ def _dedup_and_route(out_dir: str, keys: list[str], cfg: CurateConfig, fmt: str,
         write_parquet_atomic(table, decisions_path)
         stats = {"removed": table.num_rows, "by_rule": dict(Counter(table.column("dedup_rule").to_pylist()))}
         write_marker(out_dir, "dedup", stats)
-    import pyarrow.parquet as pq
-
     dec = pq.read_table(decisions_path).to_pydict()
     lookup = {i: (r, s) for i, r, s in zip(dec["id"], dec["dedup_rule"], dec["dup_of"])}
     todo = [k for k in keys if read_marker(out_dir, k) is None]
@@ -370,8 +369,6 @@ def _dedup_and_route(out_dir: str, keys: list[str], cfg: CurateConfig, fmt: str,
 
 
 def _route_staged(row: dict, out_dir: str, fmt: str, rows_per_shard: int, lookup) -> dict:
-    import pyarrow.parquet as pq
-
     table = pq.read_table(os.path.join(out_dir, "_stage", f"{row['key']}.parquet"))
     lookup = ray.get(lookup) if isinstance(lookup, ray.ObjectRef) else lookup
     route_table(table, out_dir, row["key"], fmt, rows_per_shard, dedup=lookup)
@@ -405,9 +402,9 @@ def write_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] 
         d = os.path.join(out_dir, split)
         for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
             if f.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                t = pq.read_table(os.path.join(d, f), columns=None)
+                path = os.path.join(d, f)
+                wanted = [c for c in pq.read_schema(path).names if c.startswith("score_")]
+                t = pq.read_table(path, columns=wanted)
                 for c in t.column_names:
                     if c.startswith("score_") and pa.types.is_floating(t.schema.field(c).type):
                         scores.setdefault(c, []).extend(t.column(c).to_pylist())
