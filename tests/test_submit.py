@@ -6,10 +6,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,40 +31,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_head(d: Path, env: dict, token: str):
+    """`ray start --head --block` in its own process group; returns (process, dashboard URL) or (None, log tail).
+
+    The runtime-env agent port is pinned: with Ray's default (0, self-assigned) the Ray Client server must
+    look the node up in GCS at start, and on Ray 2.60 with token auth that lookup can time out and take
+    the whole head down ("Timed out waiting for node info")."""
+    gcs, dash, client, agent = free_port(), free_port(), free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="ivlray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    log = d / f"ray{gcs}.log"
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--ray-client-server-port", str(client), "--runtime-env-agent-port", str(agent),
+         "--temp-dir", str(temp), "--disable-usage-stats"],
+        env=env, cwd=d, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(req, timeout=2)
+            return proc, url, temp
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(1)
+    stop_head(proc, None)
+    tails = [log.read_text(errors="replace")[-1500:]]
+    for name in ("raylet.out", "gcs_server.out", "ray_client_server.err", "dashboard.log"):
+        for f in temp.glob(f"session_*/logs/{name}"):
+            tails.append(f"--- {name}\n" + f.read_text(errors="replace")[-800:])
+    shutil.rmtree(temp, ignore_errors=True)
+    return None, "\n".join(tails), None
+
+
+def stop_head(proc, temp) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    if temp is not None:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """`ray start --head --block` in its own process group on 127.0.0.1, token auth on; torn down after."""
+    """A head node on 127.0.0.1 with token auth on (a second try on fresh ports if the first does not come
+    up); torn down after."""
     d = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
     (d / "token").write_text(token)
     # a clean Ray environment: the embedded Ray of other tests in this process sets RAY_* variables
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(d / "token"))
-    gcs, dash, client = free_port(), free_port(), free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--ray-client-server-port", str(client),
-         "--temp-dir", str(d / "ray"), "--disable-usage-stats"],
-        env=env, cwd=d, stdout=open(d / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-            urllib.request.urlopen(req, timeout=2)
-            break
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("ray start did not come up:\n" + (d / "ray.log").read_text()[-2000:])
+    proc, url, temp = start_head(d, env, token)
+    if proc is None:
+        proc, url, temp = start_head(d, env, token)
+    if proc is None:
+        pytest.fail("ray start did not come up:\n" + url)
     yield {"url": url, "env": env, "token": token, "dir": d}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_head(proc, temp)
 
 
 def api(cluster, path, token=True):
