@@ -57,11 +57,11 @@ def test_driver_killed_mid_curate_rerun_resumes_to_identical_outputs(ingested, t
     p = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (killed / "_done").exists():
-        time.sleep(0.2)
+    while time.time() < deadline and not list((killed / "_done").glob("*.json")):
+        time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
     p.wait()
-    n_done = len(os.listdir(killed / "_done"))
+    n_done = len(list((killed / "_done").glob("*.json")))  # committed markers, not a half-written temp file
     n_shards = len(os.listdir(ingested / "kept"))
     assert 0 < n_done < n_shards, "the kill should land mid-job"
     r = subprocess.run(cmd + ["--out", str(killed)], env=env, capture_output=True, text=True, timeout=600)
