@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 def start_head(d: Path, env: dict, token: str):
-    """`ray start --head --block` in its own process group; returns (process, dashboard URL) or (None, log tail).
+    """`ray start --head --block` in its own process group: (process, dashboard URL, Ray's temp dir), or
+    RuntimeError with the tails of Ray's logs if it does not come up.
 
     The runtime-env agent port is pinned: with Ray's default (0, self-assigned) the Ray Client server must
     look the node up in GCS at start, and on Ray 2.60 with token auth that lookup can time out and take
@@ -55,16 +56,16 @@ def start_head(d: Path, env: dict, token: str):
             return proc, url, temp
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(1)
-    stop_head(proc, None)
+    stop_head(proc)
     tails = [log.read_text(errors="replace")[-1500:]]
     for name in ("raylet.out", "gcs_server.out", "ray_client_server.err", "dashboard.log"):
         for f in temp.glob(f"session_*/logs/{name}"):
             tails.append(f"--- {name}\n" + f.read_text(errors="replace")[-800:])
     shutil.rmtree(temp, ignore_errors=True)
-    return None, "\n".join(tails), None
+    raise RuntimeError("\n".join(tails))
 
 
-def stop_head(proc, temp) -> None:
+def stop_head(proc, temp: Path | None = None) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
@@ -86,11 +87,13 @@ def cluster(tmp_path_factory):
     # a clean Ray environment: the embedded Ray of other tests in this process sets RAY_* variables
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(d / "token"))
-    proc, url, temp = start_head(d, env, token)
-    if proc is None:
-        proc, url, temp = start_head(d, env, token)
-    if proc is None:
-        pytest.fail("ray start did not come up:\n" + url)
+    for attempt in (1, 2):
+        try:
+            proc, url, temp = start_head(d, env, token)
+            break
+        except RuntimeError as e:
+            if attempt == 2:
+                pytest.fail(f"ray start did not come up:\n{e}")
     yield {"url": url, "env": env, "token": token, "dir": d}
     stop_head(proc, temp)
 
