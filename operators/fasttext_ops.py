@@ -101,13 +101,17 @@ class LanguageId(Operator):
 
 
 # ---------------------------------------------------------------- supervised quality classifier
+_TRAIN_THREADS = 12  # fastText's own default; see train_quality_classifier
+
+
 def train_quality_classifier(
     texts: list[str], labels: list[str], out_path: str, *, seed: int = 0, **hyper
 ) -> str:
     """Train a supervised fastText model on (text, label) pairs and save it to `out_path`.
 
     Labels are free strings; they become `__label__<label>`. `hyper` goes to fasttext.train_supervised
-    (defaults: epoch=25, lr=0.5, wordNgrams=2, dim=64, minCount=1, one thread for reproducibility)."""
+    (defaults: epoch=25, lr=0.5, wordNgrams=2, dim=64, minCount=1, 12 threads, 100,000 n-gram buckets:
+    fastText's 2M would make a 512 MB model at dim 64)."""
     import fasttext
 
     if len(texts) != len(labels) or not texts:
@@ -120,8 +124,15 @@ def train_quality_classifier(
     if len({r.split(" ", 1)[0] for r in rows}) < 2:
         raise ValueError("need at least two distinct labels among the non-empty texts")
     random.Random(seed).shuffle(rows)
-    args = {"epoch": 25, "lr": 0.5, "wordNgrams": 2, "dim": 64, "minCount": 1, "thread": 1, "seed": seed}
+    # at least 11 threads, never one: fastText's DenseMatrix::uniform(a, thread, seed) fills one tenth of the
+    # input matrix per thread, and this wheel does not zero the matrix first, so with fewer than 10 threads
+    # most rows start as recycled heap memory: garbage, "Encountered NaN" at any lr once the process has
+    # run a while (CI hit it). The 11th covers the tail. Training is then hogwild, so not bit-reproducible.
+    args = {"epoch": 25, "lr": 0.5, "wordNgrams": 2, "dim": 64, "minCount": 1, "bucket": 100_000,
+            "thread": _TRAIN_THREADS, "seed": seed}
     args.update(hyper)
+    if args["thread"] < 11:
+        raise ValueError("fastText leaves most of its input matrix uninitialised below 11 threads")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     try:
@@ -129,7 +140,7 @@ def train_quality_classifier(
             try:
                 model = fasttext.train_supervised(input=f.name, verbose=0, **args)
                 break
-            except RuntimeError as e:  # fastText diverges on small, easy sets at high lr: halve it and retry
+            except RuntimeError as e:  # a real divergence on a small, easy set at high lr: halve it and retry
                 if "NaN" not in str(e) or _attempt == 3:
                     raise
                 args["lr"], args["seed"] = args["lr"] / 2, args["seed"] + 1
