@@ -118,7 +118,7 @@ def train_quality_classifier(
         raise ValueError("need as many labels as texts, and at least one")
     if len(set(labels)) < 2:
         raise ValueError(f"need at least two distinct labels, got {sorted(set(labels))}")
-    # a line with a label and no words makes fastText average over zero vectors: NaN loss, so skip it
+    # a line with a label and no words teaches nothing (fastText skips it anyway)
     rows = [f"__label__{_label_token(lab)} {line}" for lab, line in zip(labels, _one_line(texts, 20_000))
             if line.strip()]
     if len({r.split(" ", 1)[0] for r in rows}) < 2:
@@ -136,14 +136,7 @@ def train_quality_classifier(
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     try:
-        for _attempt in range(4):
-            try:
-                model = fasttext.train_supervised(input=f.name, verbose=0, **args)
-                break
-            except RuntimeError as e:  # a real divergence on a small, easy set at high lr: halve it and retry
-                if "NaN" not in str(e) or _attempt == 3:
-                    raise
-                args["lr"], args["seed"] = args["lr"] / 2, args["seed"] + 1
+        model = fasttext.train_supervised(input=f.name, verbose=0, **args)
     finally:
         os.unlink(f.name)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
