@@ -43,7 +43,8 @@ class DistillConfig(BaseModel):
 
     sample_size: int = Field(2000, ge=4, description="pure-text rows scored by the LLM (train + held-out)")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of the scored sample kept out of training")
-    seed: int = Field(0, description="seeds the sample, the train/held-out split and fastText")
+    seed: int = Field(0, description="seeds the sample, the train/held-out split and fastText's initialisation "
+                                     "(its 12-thread training is not bit-reproducible)")
     edges: list[float] | None = Field(
         None, description="bucket edges on the LLM expected score; default: the llm_quality threshold")
     quantiles: list[float] | None = Field(
