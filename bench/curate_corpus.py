@@ -15,12 +15,10 @@ import shutil
 import tempfile
 import time
 
-import pyarrow as pa
-
 
 def write_shards(corpus: str, out: str, limit: int | None, rows: int = 1000) -> int:
     from pipeline.io import write_parquet_atomic
-    from pipeline.schema import CANONICAL
+    from pipeline.schema import rows_to_table
 
     batch, n, part = [], 0, 0
     with open(corpus) as f:
@@ -33,10 +31,10 @@ def write_shards(corpus: str, out: str, limit: int | None, rows: int = 1000) -> 
                                                           {"from": "gpt", "value": d["text"]}]})
             n += 1
             if len(batch) == rows:
-                write_parquet_atomic(pa.Table.from_pylist(batch, schema=CANONICAL), f"{out}/kept/c-{part:05d}.parquet")
+                write_parquet_atomic(rows_to_table(batch), f"{out}/kept/c-{part:05d}.parquet")
                 batch, part = [], part + 1
     if batch:
-        write_parquet_atomic(pa.Table.from_pylist(batch, schema=CANONICAL), f"{out}/kept/c-{part:05d}.parquet")
+        write_parquet_atomic(rows_to_table(batch), f"{out}/kept/c-{part:05d}.parquet")
     return n
 
 

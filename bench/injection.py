@@ -10,8 +10,6 @@ import argparse
 import os
 import sys
 
-import pyarrow as pa
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 INJECTIONS = [
@@ -22,12 +20,12 @@ INJECTIONS = [
 
 
 def rows(texts):
-    from pipeline.schema import CANONICAL
+    from llm_samples import conversation
 
-    return pa.Table.from_pylist([{"id": f"t/{i}", "source": "probe", "category": "", "images": [], "meta": "{}",
-                                  "conversations": [{"from": "human", "value": "Tell me something."},
-                                                    {"from": "gpt", "value": t}]} for i, t in enumerate(texts)],
-                                schema=CANONICAL)
+    from pipeline.schema import rows_to_table
+
+    return rows_to_table([{"id": f"t/{i}", "source": "probe", "category": "", "images": [], "meta": "{}",
+                           "conversations": conversation("Tell me something.", t)} for i, t in enumerate(texts)])
 
 
 def main():

@@ -31,7 +31,6 @@ from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator
 from pipeline.distill_stage import DistillConfig, distilled_stages, llm_stage_index
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
-    check_readable,
     list_input_shards,
     read_canonical,
     read_marker,
@@ -286,11 +285,9 @@ def _write_group(table: pa.Table, out_dir: str, fmt: str, rows_per_shard: int, s
 # ---- the job ------------------------------------------------------------------------------------
 
 def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-               fmt: str = "parquet", fail_fast: bool = False) -> dict:
+               fmt: str = "parquet") -> dict:
     t0 = time.time()
     files = list_input_shards(in_dir)
-    if fail_fast:
-        check_readable(files)
     keys = _unique_keys(files)
     staged = bool(cfg.dedup)
     done = (lambda k: read_marker(out_dir, f"stage-{k}") or read_marker(out_dir, k)) if staged else \

@@ -8,7 +8,7 @@ from collections import Counter
 
 import ray
 
-from pipeline.io import DEFAULT_ROWS_PER_SHARD, check_readable, read_marker, write_marker, write_shards
+from pipeline.io import DEFAULT_ROWS_PER_SHARD, read_marker, write_marker, write_shards
 from pipeline.readers import entries_from_sources, plan_tasks, read_task, rows_to_tables
 from pipeline.report import bar_chart, check_accounting, merge_counts, write_summary
 
@@ -36,12 +36,10 @@ def ingest_task(task: dict, out_dir: str, fmt: str, rows_per_shard: int) -> dict
 
 
 def run_ingest(sources: list[str], out_dir: str, fmt: str = "parquet", image_root: str | None = None,
-               rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, fail_fast: bool = False) -> dict:
+               rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> dict:
     """Plan on the driver (bad config fails here), read and write in Ray tasks, then account."""
     t0 = time.time()
     entries = entries_from_sources(sources, image_root)
-    if fail_fast:
-        check_readable([e.path for e in entries if e.kind != "jsonl"])
     tasks = plan_tasks(entries, rows_per_shard)
     todo = [t for t in tasks if read_marker(out_dir, t["key"]) is None]
     if todo:

@@ -166,6 +166,7 @@ def _with_token_columns(table: pa.Table, columns) -> pa.Table:
         table = table.append_column(pa.field(name, typ), columns[name])
     return table
 
+
 # ---- step 1: tokenize each input shard once, durably (runs in Ray workers) -------------------------
 
 def tokens_path(out_dir: str, index: int) -> str:
@@ -271,6 +272,7 @@ def _list_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarra
     offsets = np.asarray(arr.offsets)
     values = arr.values.to_numpy(zero_copy_only=False)
     return values[offsets[0] :], offsets - offsets[0]
+
 
 def _load_tokenized(out_dir: str, index: int, path: str) -> pa.Table:
     """Input shard `index` (images and all) joined with its cached token columns."""
