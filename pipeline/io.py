@@ -1,21 +1,40 @@
-"""Shard files: listing inputs, atomic Parquet/WebDataset writes, completion markers.
+"""Shard files: listing inputs, atomic Parquet/WebDataset writes, completion markers, on local disk or any
+storage `pyarrow.fs` understands (`s3://`, `gs://`, `hdfs://`, `file://`).
 
 Every job writes `OUT/kept/`, `OUT/rejected/` (curate adds `OUT/review/`) and `OUT/report/`. A unit of
-work (one input chunk) writes its files under deterministic names derived from its input, each via a
-temp file + rename, then a marker `OUT/_done/<key>.json` holding its counts; a rerun skips keys whose
-marker exists, so a killed job resumes and ends with the same files as an uninterrupted run.
+work (one input chunk) writes its files under deterministic names derived from its input, each committed
+atomically, then a marker `OUT/_done/<key>.json` holding its counts; a rerun skips keys whose marker exists,
+so a killed job resumes and ends with the same files as an uninterrupted run.
+
+Paths. A local path stays a plain path (os calls, temp file + fsync + rename). Anything with `scheme://`
+goes through `pyarrow.fs.FileSystem.from_uri`; S3 takes its endpoint and credentials from the standard
+variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE), which also
+reach Ray's workers, or from pyarrow's URI query parameters (`?endpoint_override=host:port&scheme=http`),
+which every helper here keeps on the paths it derives. Jobs do all file I/O of a job folder through the
+functions below, so a cluster's workers write to shared storage, never to their own disks.
+
+Atomic commit on object stores (S3, GCS): an object becomes visible only when its upload completes (one
+PUT, or CompleteMultipartUpload for a large one), so a file is written straight to its final key from
+bytes held in memory: a killed writer leaves no object at all. A temp key + `move` would not help there:
+pyarrow's S3 `move` is a copy then a delete, not atomic and twice the bytes. Other filesystems (HDFS, ...)
+get the local scheme: a temp file in the same folder, then `move` (a rename).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import posixpath
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.schema import CANONICAL, conform
@@ -23,26 +42,229 @@ from pipeline.schema import CANONICAL, conform
 SHARD_SUFFIXES = (".parquet", ".tar")
 DEFAULT_ROWS_PER_SHARD = 1000
 DEFAULT_BYTES_PER_SHARD = 256 << 20
+_OBJECT_STORES = ("s3", "gs", "gcs")
+
+
+# ---- paths and URIs ------------------------------------------------------------------------------
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """True for `scheme://...` (s3, gs, hdfs, file, ...); a plain path is local."""
+    return "://" in str(path)
+
+
+def _split_query(path: str) -> tuple[str, str]:
+    head, sep, query = path.partition("?")
+    return head, sep + query
+
+
+def strip_query(path: str | os.PathLike) -> str:
+    """The path without pyarrow's `?option=...` part (what its name and suffix are read from)."""
+    return _split_query(str(path))[0]
+
+
+def has_suffix(path: str | os.PathLike, suffixes: str | tuple[str, ...]) -> bool:
+    return strip_query(path).endswith(suffixes)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """os.path.join for local paths; for a URI, parts joined with '/' before its query string."""
+    base = str(base)
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    head, query = _split_query(base)
+    for part in parts:
+        head = head.rstrip("/") + "/" + part.strip("/") if part else head
+    return head + query
+
+
+def dirname(path: str | os.PathLike) -> str:
+    path = str(path)
+    if not is_uri(path):
+        return os.path.dirname(path)
+    head, query = _split_query(path)
+    return posixpath.dirname(head.rstrip("/")) + query
+
+
+def basename(path: str | os.PathLike) -> str:
+    return posixpath.basename(strip_query(path).rstrip("/")) if is_uri(path) else os.path.basename(str(path))
+
+
+def abspath(path: str | os.PathLike) -> str:
+    """os.path.abspath for a local path; a URI is already absolute (normpath would turn `s3://` into `s3:/`)."""
+    return str(path) if is_uri(path) else os.path.abspath(path)
+
+
+def relpath(path: str | os.PathLike, start: str | os.PathLike) -> str:
+    """`path` relative to the folder `start` (both local, or both URIs on the same storage)."""
+    if not is_uri(path):
+        return os.path.relpath(path, start)
+    p, s = strip_query(path), strip_query(start).rstrip("/") + "/"
+    if not p.startswith(s):
+        raise ValueError(f"{path} is not under {start}")
+    return p[len(s):]
+
+
+def _is_local(path: str) -> bool:
+    return not is_uri(path) or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return strip_query(path)[len("file://"):] if path.startswith("file://") else path
+
+
+@functools.lru_cache(maxsize=64)
+def _object_store(scheme: str, bucket: str, query: str, endpoint_env: str | None) -> pafs.FileSystem:
+    """One client per bucket and options (from_uri looks the bucket's region up: once, not per file)."""
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}{query}")[0]
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    uri = str(uri)
+    if _is_local(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(_local(uri))
+    head, query = _split_query(uri)
+    scheme, rest = head.split("://", 1)
+    if scheme in _OBJECT_STORES:
+        bucket = rest.split("/", 1)[0]
+        return _object_store(scheme, bucket, query, os.environ.get("AWS_ENDPOINT_URL")), rest.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
+
+
+def for_ray(paths: list[str]) -> tuple[list[str], pafs.FileSystem | None]:
+    """Paths and filesystem for `ray.data.read_*(paths, filesystem=...)`: local paths as they are, URIs as
+    paths inside their (picklable) filesystem, so Ray's workers reach the same storage with the same options."""
+    if not paths or _is_local(str(paths[0])):
+        return [_local(str(p)) for p in paths], None
+    resolved = [resolve(p) for p in paths]
+    return [p for _fs, p in resolved], resolved[0][0]
+
+
+def _info(path: str) -> pafs.FileInfo:
+    fs, p = resolve(path)
+    return fs.get_file_info(p)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    path = str(path)
+    return os.path.exists(path) if not is_uri(path) else _info(path).type != pafs.FileType.NotFound
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    path = str(path)
+    return os.path.isdir(path) if not is_uri(path) else _info(path).type == pafs.FileType.Directory
+
+
+def isfile(path: str | os.PathLike) -> bool:
+    path = str(path)
+    return os.path.isfile(path) if not is_uri(path) else _info(path).type == pafs.FileType.File
+
+
+def size_and_mtime(path: str | os.PathLike) -> tuple[int, int]:
+    """(bytes, modification time in ns) of a file: an input's fingerprint for resume checks."""
+    path = str(path)
+    if not is_uri(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    info = _info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(path)
+    return info.size, info.mtime_ns or 0
+
+
+def list_files(folder: str | os.PathLike, suffixes: str | tuple[str, ...] = SHARD_SUFFIXES,
+               recursive: bool = True) -> list[str]:
+    """Files under `folder` ending in one of `suffixes`, sorted, skipping names that start with '.' or '_'
+    (temp files, markers); [] if the folder does not exist."""
+    folder = str(folder)
+    if not is_uri(folder):
+        p = Path(folder)
+        if not p.is_dir():
+            return []
+        found = p.rglob("*") if recursive else p.iterdir()
+        return sorted(str(f) for f in found if f.name.endswith(suffixes) and not f.name.startswith((".", "_"))
+                      and f.is_file())
+    fs, root = resolve(folder)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=recursive)):
+        name = posixpath.basename(info.path)
+        if info.type == pafs.FileType.File and name.endswith(suffixes) and not name.startswith((".", "_")):
+            out.append(join(folder, info.path[len(root):].lstrip("/")))
+    return sorted(out)
+
+
+def open_input(path: str | os.PathLike) -> IO[bytes]:
+    """A seekable binary file (Parquet footers, tar streams, images) from a local path or a URI."""
+    path = str(path)
+    if not is_uri(path):
+        return open(path, "rb")
+    fs, p = resolve(path)
+    return fs.open_input_file(p)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Create a folder and its parents (exist_ok); on an object store, a folder marker object."""
+    path = str(path)
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete one file; a missing one is not an error."""
+    path = str(path)
+    try:
+        if not is_uri(path):
+            os.remove(path)
+        else:
+            fs, p = resolve(path)
+            fs.delete_file(p)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a folder and everything under it; a missing one is not an error."""
+    path = str(path)
+    if not is_uri(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)
 
 
 def list_input_shards(path: str | os.PathLike) -> list[str]:
     """Shards of an `--in`: a job's OUT (reads OUT/kept/), a folder of shards, or one shard file."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    if not p.is_dir():
+    path = str(path)
+    if isfile(path):
+        return [path]
+    if not isdir(path):
         raise FileNotFoundError(f"input {path} does not exist")
-    if (p / "kept").is_dir():
-        p = p / "kept"
-    files = sorted(str(f) for f in p.rglob("*") if f.suffix in SHARD_SUFFIXES and not f.name.startswith((".", "_")))
+    if isdir(join(path, "kept")):
+        path = join(path, "kept")
+    files = list_files(path, SHARD_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no .parquet or .tar shards under {p}")
+        raise FileNotFoundError(f"no .parquet or .tar shards under {path}")
     return files
 
 
 def shard_key(path: str) -> str:
     """A file's stem: the key that names its outputs and its marker."""
-    name = os.path.basename(path)
+    name = basename(path)
     for suf in SHARD_SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
@@ -52,13 +274,12 @@ def shard_key(path: str) -> str:
 # ---- markers -------------------------------------------------------------------------------------
 
 def marker_path(out_dir: str, key: str) -> str:
-    return os.path.join(out_dir, "_done", f"{key}.json")
+    return join(out_dir, "_done", f"{key}.json")
 
 
 def read_marker(out_dir: str, key: str) -> dict | None:
     try:
-        with open(marker_path(out_dir, key)) as f:
-            return json.load(f)
+        return json.loads(read_bytes(marker_path(out_dir, key)))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -68,27 +289,34 @@ def write_marker(out_dir: str, key: str, payload: dict) -> None:
 
 
 def all_markers(out_dir: str) -> list[dict]:
-    d = os.path.join(out_dir, "_done")
-    if not os.path.isdir(d):
-        return []
-    out = []
-    for name in sorted(os.listdir(d)):
-        if name.endswith(".json"):
-            with open(os.path.join(d, name)) as f:
-                out.append(json.load(f))
-    return out
+    return [json.loads(read_bytes(f)) for f in list_files(join(out_dir, "_done"), ".json", recursive=False)]
 
 
 # ---- atomic writes -------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
+    """Commit `data` as the file `path` all at once: readers see the old file (or none) or all of it."""
+    path = str(path)
+    if _is_local(path):
+        path = _local(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    fs, p = resolve(path)
+    if strip_query(path).split("://", 1)[0] in _OBJECT_STORES:
+        with fs.open_output_stream(p) as f:  # the object appears when the upload completes (module doc)
+            f.write(data)
+        return
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    tmp = posixpath.join(posixpath.dirname(p), f".tmp-{os.getpid()}-{posixpath.basename(p)}")
+    with fs.open_output_stream(tmp) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fs.move(tmp, p)
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
@@ -111,7 +339,7 @@ def write_shards(table: pa.Table, folder: str, key: str, fmt: str, rows_per_shar
     paths = []
     for i, part in enumerate(split_table(table, rows_per_shard)):
         ext = "parquet" if fmt == "parquet" else "tar"
-        path = os.path.join(folder, f"{key}-{i:03d}.{ext}")
+        path = join(folder, f"{key}-{i:03d}.{ext}")
         if fmt == "parquet":
             write_parquet_atomic(part, path)
         else:
@@ -157,7 +385,7 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes], str | N
     followed or extracted; they are reported as the sample's problem. A truncated tar raises
     tarfile.ReadError after the samples read so far."""
     current, files, problem = None, {}, None
-    with tarfile.open(path, mode="r|*") as tar:
+    with open_input(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for m in tar:
             if m.isdir():
                 continue
@@ -183,8 +411,11 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes], str | N
 
 def read_canonical(path: str) -> pa.Table:
     """Read one canonical shard (Parquet or a tar written by `table_to_tar`)."""
-    if path.endswith(".parquet"):
-        return conform(pq.read_table(path))
+    if has_suffix(path, ".parquet"):
+        if not is_uri(path):
+            return conform(pq.read_table(path))
+        fs, p = resolve(path)
+        return conform(pq.read_table(p, filesystem=fs))
     rows = []
     for _key, files, _problem in iter_tar_samples(path):
         row = json.loads(files.get("json", b"{}"))
@@ -199,14 +430,13 @@ def read_canonical(path: str) -> pa.Table:
 def check_readable(paths: list[str]) -> None:
     """Fail fast on a truncated or corrupt shard: Parquet footers and tar headers are read up front and
     the first bad file is named in one line (the default instead reports it as a rejected row)."""
-    import pyarrow.parquet as pq
-
     for path in paths:
         try:
-            if path.endswith(".parquet"):
-                pq.ParquetFile(path).metadata  # noqa: B018  (reading the footer is the check)
-            elif path.endswith((".tar", ".tar.gz", ".tgz")):
-                with tarfile.open(path, mode="r|*") as tar:
+            if has_suffix(path, ".parquet"):
+                with open_input(path) as f:
+                    pq.ParquetFile(f).metadata  # noqa: B018  (reading the footer is the check)
+            elif has_suffix(path, (".tar", ".tar.gz", ".tgz")):
+                with open_input(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                     for _member in tar:
                         pass
         except Exception as e:  # pyarrow and tarfile raise many kinds for damaged files

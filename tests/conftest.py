@@ -71,3 +71,50 @@ def read_rows(folder) -> list[dict]:
     """All rows of the Parquet shards under a folder, in file-name order."""
     files = sorted(glob.glob(os.path.join(str(folder), "**", "*.parquet"), recursive=True))
     return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+# ---- a local S3-compatible server (moto) ---------------------------------------------------------
+# The endpoint and credentials are set when this module is imported, before any test starts Ray: Ray's
+# workers inherit the environment their raylet started with, and they open s3:// paths themselves.
+def _pick_s3_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _pick_s3_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+    os.environ.pop(_k, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (the port fixed above) for the whole session; yields its endpoint."""
+    import logging
+
+    pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket per test: `s3://<name>` (pyarrow creates it; moto keeps it in memory)."""
+    import re
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    fs = pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")[0]
+    fs.create_dir(name)
+    return f"s3://{name}"
