@@ -1,19 +1,32 @@
-"""Readers: InternVL meta JSON + JSONL + image folders, bare JSONL, WebDataset tars, Parquet.
+"""Readers: every supported layout, detected by looking at it, into canonical rows.
 
-`plan_tasks` (on the driver) turns the sources into small JSON-able read tasks, one per output shard
-key; `read_task` (on a Ray worker) turns one task into canonical rows and rejected rows. Bad input
-never raises out of `read_task`: each bad line or sample becomes a rejected row with a reason and,
-where it could not be parsed, its raw text in `meta`.
+`entries_from_sources` (on the driver, before Ray starts) classifies each SRC: an InternVL meta JSON, a
+JSONL, a JSON array (LLaVA / ShareGPT4V), a Parquet file (HF datasets, the_cauldron, LLaVA-OneVision,
+ivl's shards), a WebDataset tar (`.tar`, `.tar.gz`, `.tgz`; img2dataset's with `.txt` captions), or a
+folder of them (hub datasets with nested subsets; img2dataset's `.parquet`/`_stats.json` sidecars).
+What a file holds decides its layout (pipeline/records.py); `--input-format` forces one; anything else
+fails at start with one line naming the file, what was found and what is supported.
+`plan_tasks` cuts the entries into small JSON-able read tasks, one per output key; `read_task` (on a Ray
+worker) turns one task into kept and rejected rows, and `count_input` counts the same task's input rows
+apart from the readers (lines, array elements, tar samples from headers, Parquet footers), so a reader
+that loses a row fails the job instead of shrinking it. Bad input never raises out of `read_task`: each
+bad line or sample becomes a rejected row with a reason and, where it could not be parsed, its raw text.
+
+Ids: `<source>/<line>` for a meta dataset or one JSONL/JSON file, `<source>/<file>/<key>` otherwise,
+where `<source>` is the dataset name, or the path below what the user named (`hub/sroie`); two sources
+that would share a name get the name of what the user named in front (`meta_a/caption`).
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
 import re
 import tarfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +35,26 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.io import IMAGE_EXTS, iter_tar_samples
+from pipeline.jsonarray import BOM, NotAnArray, element_spans, read_span
+from pipeline.records import DEFAULT_INSTRUCTION, RecordProblem, layout_of, load_images, split_record
 from pipeline.schema import CANONICAL, ROLES
 
 REJECTED = pa.schema(list(CANONICAL) + [pa.field("reject_reason", pa.string())])
 MAX_RAW_CHARS = 1 << 20  # raw text kept for an unparsable line (1 MiB); longer lines are cut and say so
+PEEK_LINES = 50  # JSONL lines looked at to tell the layout
+# keys of an InternVL line that has lost its conversations: its rows are rejected one by one, not the file
+INTERNVL_KEYS = {"id", "image", "images", "video", "width", "height", "category", "source"}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", *TAR_SUFFIXES)
+# --input-format -> record layout (pipeline/records.py); the container comes from the file
+INPUT_FORMATS = {
+    "auto": None, "internvl": "conversations", "llava": "conversations", "llava-onevision": "conversations",
+    "sharegpt": "conversations", "webdataset": "conversations", "messages": "messages", "cauldron": "cauldron",
+    "img2dataset": "caption", "ivl": "canonical",
+}
+SUPPORTED = ("supported: InternVL meta .json + .jsonl, LLaVA/ShareGPT .json arrays, OpenAI/TRL `messages`, "
+             "LLaMA-Factory ShareGPT, HF Parquet (`image`/`images`), the_cauldron (`texts`), LLaVA-OneVision, "
+             "WebDataset/img2dataset .tar/.tar.gz/.tgz, ivl shards, or folders of them")
 
 
 class ConfigError(ValueError):
@@ -34,10 +63,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class Entry:
-    """One dataset of an InternVL meta JSON (or a bare JSONL / tar / Parquet source)."""
+    """One dataset to read: an InternVL meta entry, or one file of what the user named."""
 
     source: str
-    kind: str  # jsonl | tar | parquet
+    kind: str  # jsonl | json | tar | parquet
     path: str
     root: str = ""
     data_augment: bool = False
@@ -45,6 +74,23 @@ class Entry:
     repeat_time: float = 1
     category: str = ""
     extra: dict = field(default_factory=dict)
+    layout: str = "conversations"  # pipeline/records.py LAYOUTS
+    id_prefix: str = ""  # ids are `<id_prefix>/<line or key>`
+    encoding: str | None = None  # None: UTF-8, and invalid bytes are rejected
+    instruction: str = DEFAULT_INSTRUCTION  # caption layouts: the question a caption answers
+    remote_images: bool = False  # read s3:// gs:// https:// images (else ingest:remote_image)
+    from_meta: bool = False  # a meta JSON's dataset settings win over the record's
+    origin: str = ""  # the SRC this entry came from (names colliding sources)
+    stats: str | None = None  # img2dataset's `<shard>_stats.json` beside a tar
+
+
+@dataclass
+class Options:
+    image_root: str | None = None
+    forced: str | None = None
+    encoding: str | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    remote_images: bool = False
 
 
 def _safe(name: str) -> str:
@@ -55,39 +101,247 @@ def _resolve(base: str, p: str) -> str:
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
-def entries_from_sources(sources: list[str], image_root: str | None = None) -> list[Entry]:
-    """Classify each SRC: a meta .json, a .jsonl, a .tar, a .parquet, or a folder of tars/Parquet."""
+def _stem(name: str) -> str:
+    for suf in DATA_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def check_encoding(encoding: str | None) -> None:
+    """Only ASCII-compatible encodings: lines, brackets and quotes must be the bytes they are in ASCII."""
+    if encoding is None:
+        return
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"unknown encoding {encoding!r}") from None
+    if "\n[]{}\",\\".encode(encoding, "strict") != b"\n[]{}\",\\":
+        raise ConfigError(f"encoding {encoding!r} is not ASCII-compatible; convert the file to UTF-8")
+
+
+def decode_text(raw: bytes, encoding: str | None) -> str | None:
+    """Text of one line or member: UTF-8 (BOM dropped) unless an encoding is declared; None if invalid."""
+    if raw.startswith(BOM) and encoding in (None, "utf-8", "utf8", "utf-8-sig"):
+        raw = raw[len(BOM):]
+    try:
+        return raw.decode(encoding or "utf-8")
+    except (UnicodeDecodeError, LookupError):
+        return None
+
+
+def shown(raw: bytes) -> str:
+    """Undecodable bytes as text for a rejected row's `raw` (\\x escapes, nothing replaced silently)."""
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+# ---- sources -> entries (driver) ------------------------------------------------------------------
+
+def entries_from_sources(sources: list[str], image_root: str | None = None, input_format: str = "auto",
+                         encoding: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
+                         remote_images: bool = False, skipped: list | None = None) -> list[Entry]:
+    """Classify every SRC into entries; raises ConfigError (one line) on anything unsupported.
+    Files in a folder that are not data (dataset_info.json, a sidecar) go into `skipped` with why."""
+    if input_format not in INPUT_FORMATS:
+        raise ConfigError(f"--input-format {input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
+    check_encoding(encoding)
+    opts = Options(image_root, INPUT_FORMATS[input_format], encoding, instruction, remote_images)
+    skipped = [] if skipped is None else skipped
     entries: list[Entry] = []
     for src in sources:
         p = Path(src)
         if not p.exists():
             raise ConfigError(f"source {src} does not exist")
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix in (".tar", ".parquet", ".jsonl"))
-            if not files:
-                raise ConfigError(f"source folder {src} holds no .tar, .parquet or .jsonl files")
-            for f in files:
-                kind = f.suffix[1:]
-                entries.append(Entry(_safe(p.name), kind, str(f), root=image_root or str(f.parent)))
-        elif p.suffix == ".json":
-            entries += _meta_entries(p)
-        elif p.suffix == ".jsonl":
-            entries.append(Entry(_safe(p.stem), "jsonl", str(p), root=image_root or str(p.parent)))
-        elif p.name.endswith((".tar", ".tar.gz", ".tgz")):
-            entries.append(Entry(_safe(p.name.split(".")[0]), "tar", str(p)))
-        elif p.suffix == ".parquet":
-            entries.append(Entry(_safe(p.stem), "parquet", str(p)))
+            entries += _folder_entries(p, opts, skipped)
         else:
-            raise ConfigError(f"source {src}: expected a meta .json, .jsonl, .tar, .parquet or a folder")
-    names = [(e.source, e.path) for e in entries]
-    if len(set(names)) != len(names):
-        raise ConfigError("the same source file is given twice")
+            entries += _file_entries(p, opts, source=_safe(_stem(p.name)), in_folder=False, origin=str(p))
+    seen = Counter((e.source, e.path) for e in entries)
+    if any(n > 1 for n in seen.values()):
+        raise ConfigError(f"the same source file is given twice: {next(p for (_s, p), n in seen.items() if n > 1)}")
+    _make_unique(entries)
     return entries
 
 
-def _meta_entries(meta: Path) -> list[Entry]:
+def _folder_entries(folder: Path, opts: Options, skipped: list) -> list[Entry]:
+    base = folder / "kept" if (folder / "kept").is_dir() else folder  # an ivl job's OUT: its kept/
+    files = sorted(f for f in base.rglob("*") if f.is_file() and f.name.endswith(DATA_SUFFIXES)
+                   and not any(part.startswith((".", "_")) for part in f.relative_to(base).parts))
+    if not files:
+        raise ConfigError(f"source folder {folder} holds no data files ({', '.join(DATA_SUFFIXES)}); {SUPPORTED}")
+    metas = [f for f in files if f.suffix == ".json" and _json_kind(f) in ("meta", "broken")]
+    entries, used = [], set()
+    for m in metas:
+        for e in _meta_entries(m, opts):
+            entries.append(e)
+            used.add(os.path.normpath(e.path))
+    tar_stems = {(str(f.parent), _stem(f.name)) for f in files if f.name.endswith(TAR_SUFFIXES)}
+    for f in files:
+        if f in metas or os.path.normpath(str(f)) in used:
+            continue
+        if f.name.endswith("_stats.json") and (str(f.parent), f.name[: -len("_stats.json")]) in tar_stems:
+            continue  # img2dataset's stats: read with its tar (expected sample count)
+        if f.suffix == ".parquet" and (str(f.parent), _stem(f.name)) in tar_stems:
+            skipped.append({"file": str(f), "why": "img2dataset metadata beside its .tar (kept in each row's meta)"})
+            continue
+        if f.suffix == ".json" and _json_kind(f) != "array":
+            skipped.append({"file": str(f), "why": "a JSON object that is not an InternVL meta file"})
+            continue
+        rel = f.relative_to(base)
+        source = "/".join(_safe(x) for x in (folder.name, *rel.parent.parts))
+        entries += _file_entries(f, opts, source=source, in_folder=True, origin=str(folder))
+    return entries
+
+
+def _json_kind(path: Path) -> str:
+    """'meta' (an object of datasets), 'array' (a JSON array), 'broken' (an object that does not parse),
+    or 'object' (anything else)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    head = head[len(BOM):] if head.startswith(BOM) else head
+    first = head.lstrip()[:1]
+    if first == b"[":
+        return "array"
+    if first != b"{":
+        return "object"
     try:
-        spec = json.loads(meta.read_text())
+        spec = json.loads(decode_text(path.read_bytes(), None) or "")
+    except json.JSONDecodeError:
+        return "broken"
+    ok = isinstance(spec, dict) and spec and all(isinstance(d, dict) and "annotation" in d for d in spec.values())
+    return "meta" if ok else "object"
+
+
+def _file_entries(p: Path, opts: Options, source: str, in_folder: bool, origin: str) -> list[Entry]:
+    name = p.name
+    stem = _safe(_stem(name))
+    common = dict(encoding=opts.encoding, instruction=opts.instruction, remote_images=opts.remote_images,
+                  origin=origin)
+    if name.endswith(".json"):
+        kind = _json_kind(p)
+        if kind in ("meta", "broken"):  # a broken one fails in _meta_entries, naming the JSON error
+            return _meta_entries(p, opts)
+        if kind != "array":
+            raise ConfigError(f"{p}: a JSON object that is not an InternVL meta file (no dataset with an "
+                              f"'annotation'); {SUPPORTED}")
+        layout = opts.forced or _array_layout(p, opts.encoding)
+        prefix = f"{source}/{stem}" if in_folder else source
+        return [Entry(source, "json", str(p), root=opts.image_root or str(p.parent), layout=layout,
+                      id_prefix=prefix, **common)]
+    if name.endswith(".jsonl"):
+        layout = opts.forced or _jsonl_layout(p, opts.encoding)
+        prefix = f"{source}/{stem}" if in_folder else source
+        return [Entry(source, "jsonl", str(p), root=opts.image_root or str(p.parent), layout=layout,
+                      id_prefix=prefix, **common)]
+    if name.endswith(TAR_SUFFIXES):
+        layout = opts.forced or _tar_layout(p)
+        stats = p.parent / f"{_stem(name)}_stats.json"
+        return [Entry(source, "tar", str(p), root=opts.image_root or str(p.parent), layout=layout,
+                      id_prefix=f"{source}/{stem}", stats=str(stats) if stats.is_file() else None, **common)]
+    if name.endswith(".parquet"):
+        layout = opts.forced or _parquet_layout(p)
+        return [Entry(source, "parquet", str(p), root=opts.image_root or str(p.parent), layout=layout,
+                      id_prefix=f"{source}/{stem}", **common)]
+    raise ConfigError(f"source {p}: unsupported file type; {SUPPORTED}")
+
+
+def _unsupported(p, found: str) -> ConfigError:
+    return ConfigError(f"{p}: unsupported layout ({found}); {SUPPORTED}")
+
+
+def _jsonl_layout(p: Path, encoding: str | None) -> str:
+    """The layout the first parsable records spell; `conversations` when no line parses (each bad line
+    is then a rejected row)."""
+    looked = []
+    with open(p, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            text = decode_text(raw, encoding)
+            try:
+                rec = json.loads(text) if text is not None else None
+            except (json.JSONDecodeError, RecursionError):
+                rec = None
+            if isinstance(rec, dict):
+                layout = layout_of(rec)
+                if layout in ("conversations", "messages", "cauldron"):
+                    return layout
+                if not set(rec) <= INTERNVL_KEYS:
+                    looked.append(sorted(rec)[:8])
+            if len(looked) >= PEEK_LINES or f.tell() > (64 << 20):
+                break
+    if looked:
+        raise _unsupported(p, f"records with keys {looked[0]}")
+    return "conversations"
+
+
+def _array_layout(p: Path, encoding: str | None) -> str:
+    try:
+        spans = element_spans(str(p), stop_after=1)
+    except NotAnArray as e:
+        raise ConfigError(str(e)) from None
+    if not spans:
+        return "conversations"
+    with open(p, "rb") as f:
+        text = decode_text(read_span(f, spans[0]), encoding)
+    try:
+        rec = json.loads(text) if text is not None else None
+    except (json.JSONDecodeError, RecursionError):
+        return "conversations"  # a broken first element is a rejected row
+    layout = layout_of(rec) if isinstance(rec, dict) else None
+    if layout not in ("conversations", "messages", "cauldron"):
+        found = f"elements with keys {sorted(rec)[:8]}" if isinstance(rec, dict) else f"a {type(rec).__name__}"
+        raise _unsupported(p, found)
+    return layout
+
+
+def _parquet_layout(p: Path) -> str:
+    try:
+        names = pq.read_schema(p).names
+    except Exception:  # a corrupt file is read as one corrupt_shard row (or stopped by --fail-fast)
+        return "canonical"
+    layout = layout_of(names)
+    if layout is None:
+        hint = " (img2dataset's metadata: give its .tar or the folder)" if {"key", "status", "url"} <= set(names) else ""
+        raise _unsupported(p, f"columns {sorted(names)[:10]}{hint}")
+    return layout
+
+
+def _tar_layout(p: Path) -> str:
+    """From the first samples: `.json` turns (`conversations`, or ivl's own rows), `.txt` captions beside an
+    image (img2dataset), or messages/cauldron records; unparsable samples are rows to reject, not a verdict."""
+    foreign = None
+    try:
+        for n, (_key, files, _problem) in enumerate(iter_tar_samples(str(p))):
+            if n >= PEEK_LINES:
+                break
+            rec = None
+            if "json" in files:
+                try:
+                    rec = json.loads(files["json"])
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                    rec = None
+            layout = layout_of(rec) if isinstance(rec, dict) else None
+            if layout == "conversations":
+                return "canonical" if {"id", "source", "meta"} <= set(rec) else "conversations"
+            if layout in ("messages", "cauldron"):
+                return layout
+            if "txt" in files and any(s.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for s in files):
+                return "caption"
+            if isinstance(rec, dict) and not set(rec) <= INTERNVL_KEYS:
+                foreign = foreign or f"a sample whose .json has keys {sorted(rec)[:8]}"
+            elif "json" not in files and files:
+                foreign = foreign or f"a sample with members {sorted(files)[:8]} (no .json, no .txt caption)"
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # an unreadable tar is one corrupt_shard row (or stopped by --fail-fast)
+    if foreign:
+        raise _unsupported(p, foreign)
+    return "conversations"
+
+
+def _meta_entries(meta: Path, opts: Options) -> list[Entry]:
+    try:
+        spec = json.loads(decode_text(meta.read_bytes(), None) or "")
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"meta file {meta}: not valid JSON ({e})") from None
     if not isinstance(spec, dict) or not spec:
@@ -104,38 +358,78 @@ def _meta_entries(meta: Path) -> list[Entry]:
         ann = _resolve(base, d["annotation"])
         if not os.path.isfile(ann):
             raise ConfigError(f"meta file {meta}: dataset {name!r}: annotation {ann} not found")
-        known = {"root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "category", "length"}
-        out.append(Entry(
-            source=_safe(name), kind="jsonl", path=ann, root=_resolve(base, d.get("root", "") or "."),
-            data_augment=bool(d.get("data_augment", False)), max_dynamic_patch=d.get("max_dynamic_patch"),
-            repeat_time=repeat, category=str(d.get("category", "") or ""),
-            extra={k: v for k, v in d.items() if k not in known},
-        ))
+        encoding = d.get("encoding", opts.encoding)
+        check_encoding(encoding)
+        sub = Options(None, opts.forced, encoding, opts.instruction, opts.remote_images)
+        (e,) = _file_entries(Path(ann), sub, source=_safe(name), in_folder=False, origin=str(meta))
+        known = {"root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "category", "length",
+                 "encoding"}
+        e.root = _resolve(base, d.get("root", "") or ".")
+        e.data_augment, e.max_dynamic_patch = bool(d.get("data_augment", False)), d.get("max_dynamic_patch")
+        e.repeat_time, e.category = repeat, str(d.get("category", "") or "")
+        e.extra = {k: v for k, v in d.items() if k not in known}
+        e.id_prefix, e.from_meta = e.source, True
+        out.append(e)
     return out
 
 
+def _make_unique(entries: list[Entry]) -> None:
+    """Sources that would share ids get more of the path the user named in front, until none collide."""
+    for depth in range(1, 8):
+        groups: dict[str, list[Entry]] = {}
+        for e in entries:
+            groups.setdefault(e.id_prefix, []).append(e)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return
+        for g in clashes:
+            for e in g:
+                parts = Path(_stem(e.origin)).parts[-depth:] if depth < 7 else (str(entries.index(e)),)
+                label = "/".join(_safe(x) for x in parts)
+                old = e.source
+                e.source = f"{label}/{old}" if depth == 1 else f"{label}/{old.split('/', depth - 1)[-1]}"
+                e.id_prefix = e.source + e.id_prefix[len(old):]
+
+
+# ---- entries -> tasks (driver) --------------------------------------------------------------------
+
 def plan_tasks(entries: list[Entry], rows_per_shard: int) -> list[dict]:
-    """One task per output key. JSONL files are cut into chunks of rows_per_shard lines (byte offsets
-    found in one pass, so workers seek instead of rescanning); repeat_time copies become tasks too."""
+    """One task per output key. JSONL files are cut into chunks of rows_per_shard lines and JSON arrays
+    into chunks of elements (offsets found in one pass, so workers seek instead of rescanning); the
+    pass is also the input count. repeat_time copies become tasks too."""
     tasks = []
     for e in entries:
         base = {"entry": e.__dict__}
-        stem = _safe(Path(e.path).name.split(".")[0])
-        if e.kind != "jsonl":
-            tasks.append({**base, "key": f"{e.source}-{stem}", "copy": 0})
+        stem = _safe(_stem(Path(e.path).name))
+        key = f"{_safe(e.source)}-{stem}"
+        if e.kind in ("tar", "parquet"):
+            tasks.append({**base, "key": key, "copy": 0})
             continue
-        offsets = _line_offsets(e.path)
+        if e.kind == "jsonl":
+            offsets = _line_offsets(e.path)
+        else:
+            try:
+                offsets = element_spans(e.path)
+            except NotAnArray as err:
+                raise ConfigError(str(err)) from None
         n = len(offsets)
         if e.repeat_time < 1:
             n = int(n * e.repeat_time)  # keep the first int(N*r) lines, as InternVL does
         copies = max(1, int(e.repeat_time))
         for copy in range(copies):
             for c, start in enumerate(range(0, n, rows_per_shard)):
-                tasks.append({**base, "key": f"{e.source}-{stem}-r{copy}-{c:05d}", "copy": copy,
-                              "start": start, "stop": min(n, start + rows_per_shard), "offset": offsets[start]})
-    keys = [t["key"] for t in tasks]
-    if len(set(keys)) != len(keys):
-        raise ConfigError("two sources map to the same output name; rename one of them")
+                stop = min(n, start + rows_per_shard)
+                t = {**base, "key": f"{key}-r{copy}-{c:05d}", "copy": copy, "start": start, "stop": stop}
+                if e.kind == "jsonl":
+                    t["offset"] = offsets[start]
+                else:
+                    t["spans"] = [list(s) for s in offsets[start:stop]]
+                tasks.append(t)
+    seen: Counter = Counter()
+    for t in tasks:  # two names that _safe makes alike ("a/b", "a_b") still get their own files
+        seen[t["key"]] += 1
+        if seen[t["key"]] > 1:
+            t["key"] = f"{t['key']}-{seen[t['key']] - 1}"
     return tasks
 
 
@@ -143,10 +437,56 @@ def _line_offsets(path: str) -> list[int]:
     offsets, pos = [], 0
     with open(path, "rb") as f:
         for line in f:
-            if line.strip():
+            if line.strip() and line.strip() != BOM:
                 offsets.append(pos)
             pos += len(line)
     return offsets
+
+
+# ---- input counts, apart from the readers (worker) ------------------------------------------------
+
+def count_input(task: dict) -> int:
+    """Rows this task must account for, counted from the input without the readers: the lines or array
+    elements found at planning, tar samples from the headers, the Parquet footer's row count. A file
+    that breaks part-way counts what was countable plus one row for the unreadable rest."""
+    e = task["entry"]
+    if e["kind"] in ("jsonl", "json"):
+        return task["stop"] - task["start"]
+    if e["kind"] == "parquet":
+        try:
+            return pq.ParquetFile(e["path"]).metadata.num_rows
+        except Exception:  # unreadable footer: the whole file is one corrupt_shard row
+            return 1
+    return count_tar_samples(e["path"])
+
+
+def count_tar_samples(path: str) -> int:
+    """WebDataset samples (runs of members sharing a key) from the tar headers alone; a sample still open
+    when the tar breaks is not counted, the unreadable rest is one row."""
+    n, current = 0, None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for m in tar:
+                if m.isdir():
+                    continue
+                base = os.path.basename(m.name)
+                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+                if key != current:
+                    n, current = n + 1, key
+    except (tarfile.TarError, OSError, EOFError):
+        return n - (current is not None) + 1
+    return n
+
+
+def img2dataset_expected(stats_path: str | None) -> int | None:
+    """img2dataset's own count of samples written to the shard (`successes` in its stats file)."""
+    if not stats_path:
+        return None
+    try:
+        with open(stats_path) as f:
+            return int(json.load(f)["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---- worker side ---------------------------------------------------------------------------------
@@ -154,7 +494,7 @@ def _line_offsets(path: str) -> list[int]:
 def read_task(task: dict) -> tuple[list[dict], list[dict]]:
     """Read one task into (kept rows, rejected rows) of canonical dicts."""
     e = Entry(**task["entry"])
-    reader = {"jsonl": _read_jsonl, "tar": _read_tar, "parquet": _read_parquet}[e.kind]
+    reader = READERS[e.kind]
     kept, rejected = [], []
     for row, reason in reader(e, task):
         if reason:
@@ -170,7 +510,21 @@ def _raw_row(e: Entry, rid: str, raw: str, **meta) -> dict:
     if len(raw) > MAX_RAW_CHARS:
         note["raw_truncated_from"] = len(raw)
     return {"id": rid, "source": e.source, "category": e.category, "conversations": [], "images": [],
-            "meta": json.dumps(note, ensure_ascii=False)}
+            "meta": json.dumps(note, ensure_ascii=False, default=str)}
+
+
+def _parse_line(e: Entry, rid: str, raw: bytes) -> tuple[dict, str, str | None]:
+    """(record, its text, None) or (rejected row, "", reason) for one JSONL line or JSON array element."""
+    text = decode_text(raw, e.encoding)
+    if text is None:
+        return _raw_row(e, rid, shown(raw), encoding=e.encoding or "utf-8"), "", "bad_encoding"
+    try:
+        rec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return _raw_row(e, rid, text), "", "bad_json"
+    if not isinstance(rec, dict):
+        return _raw_row(e, rid, text), "", "bad_record"
+    return rec, text, None
 
 
 def _read_jsonl(e: Entry, task: dict):
@@ -182,63 +536,50 @@ def _read_jsonl(e: Entry, task: dict):
             raw = f.readline()
             if not raw:
                 break
-            if not raw.strip():
+            if not raw.strip() or raw.strip() == BOM:
                 continue
-            rid = f"{e.source}/{line_no}{suffix}"
+            rid = f"{e.id_prefix}/{line_no}{suffix}"
             line_no += 1
-            text = raw.decode("utf-8", errors="replace")
-            try:
-                rec = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
-                yield _raw_row(e, rid, text), "bad_json"
-                continue
-            if not isinstance(rec, dict):
-                yield _raw_row(e, rid, text), "bad_record"
-                continue
-            yield _from_record(e, rid, rec, text, _load_files(e.root, rec.get("image")))
+            rec, text, reason = _parse_line(e, rid, raw)
+            yield (rec, reason) if reason else _sample(e, rid, rec, text)
 
 
-def _load_files(root: str, image) -> tuple[list[bytes], list[str], str | None]:
-    if image is None or image == "" or image == []:
-        return [], [], None
-    paths = image if isinstance(image, list) else [image]
-    if not all(isinstance(p, str) and p for p in paths):
-        return [], [], "bad_image_field"
-    out, resolved = [], []
-    for p in paths:
-        full = _resolve(root, p)
-        resolved.append(full)
-        try:
-            with open(full, "rb") as f:
-                out.append(f.read())
-        except (OSError, ValueError):  # ValueError: a path with a NUL byte
-            return [], resolved, "missing_image"
-    return out, resolved, None
+def _read_json_array(e: Entry, task: dict):
+    suffix = f"#r{task['copy']}" if task["copy"] else ""
+    with open(e.path, "rb") as f:
+        for i, span in enumerate(task["spans"]):
+            rid = f"{e.id_prefix}/{task['start'] + i}{suffix}"
+            rec, text, reason = _parse_line(e, rid, read_span(f, span))
+            yield (rec, reason) if reason else _sample(e, rid, rec, text)
 
 
-def _from_record(e: Entry, rid: str, rec: dict, raw: str, loaded) -> tuple[dict, str | None]:
-    images, paths, problem = loaded
-    if problem:
-        return _raw_row(e, rid, raw, image_paths=paths), problem
+def _sample(e: Entry, rid: str, rec: dict, raw: str, images: list[bytes] | None = None) -> tuple[dict, str | None]:
+    """One record -> a canonical row (or a rejected row with its reason)."""
+    paths: list[str] = []
+    try:
+        turns, refs, meta = split_record(rec, e.layout, e.instruction)
+        if images is None:
+            images, paths = load_images(refs, e.root, e.remote_images)
+    except RecordProblem as p:
+        return _raw_row(e, rid, raw, **p.detail), p.reason
     sizes = []
     for b in images:
         size = decode_size(b)
         if size is None:
             return _raw_row(e, rid, raw, image_paths=paths), "undecodable_image"
         sizes.append(size)
-    conv, reason = check_conversations(rec.get("conversations"), len(images))
+    conv, reason = check_conversations(turns, len(images))
     if reason:
         return _raw_row(e, rid, raw, image_paths=paths), reason
-    meta = {k: v for k, v in rec.items() if k not in ("conversations", "image", "images")}
     if "id" in meta:
         meta["orig_id"] = meta.pop("id")
     meta.update(e.extra)
     entry_says = {"data_augment": e.data_augment, "repeat_time": e.repeat_time}
     if e.max_dynamic_patch is not None:
         entry_says["max_dynamic_patch"] = e.max_dynamic_patch
-    if e.kind == "jsonl":  # the meta JSON's dataset settings win over the line's
+    if e.from_meta:  # the meta JSON's dataset settings win over the line's
         meta.update(entry_says)
-    else:  # a shard carries its own settings; the entry only fills gaps
+    else:  # a file carries its own settings; the entry only fills gaps
         meta = {**entry_says, **meta}
     meta["image_sizes"] = sizes
     if paths:
@@ -289,92 +630,132 @@ def check_conversations(conv, n_images: int) -> tuple[list[dict], str | None]:
     return turns, None
 
 
+def _member_images(files: dict[str, bytes]) -> list[bytes]:
+    """A sample's images in order: `<key>.<i>.<ext>` by i, a single `<key>.<ext>` first."""
+    idx = []
+    for s in files:
+        parts = s.split(".")
+        if parts[-1].lower() in IMAGE_EXTS:
+            order = int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else -1
+            idx.append((order, s))
+    return [files[s] for _o, s in sorted(idx)]
+
+
 def _read_tar(e: Entry, task: dict):
-    tar_stem = _safe(Path(e.path).name.split(".")[0])
     seen, keys = 0, set()
     try:
         for key, files, problem in iter_tar_samples(e.path):
             seen += 1
-            rid = f"{e.source}/{tar_stem}/{key}"
-            raw_json = files.get("json", b"").decode("utf-8", errors="replace")
+            rid = f"{e.id_prefix}/{key}"
+            raw = files.get("json", b"")
             if key in keys:  # WebDataset keys are contiguous; a key seen again is a malformed tar
-                yield _raw_row(e, f"{rid}@{seen}", raw_json), "duplicate_tar_key"
+                yield _raw_row(e, f"{rid}@{seen}", shown(raw)), "duplicate_tar_key"
                 continue
             keys.add(key)
             if problem:
-                yield _raw_row(e, rid, raw_json, tar_problem=problem), "unsafe_tar_member"
+                yield _raw_row(e, rid, shown(raw), tar_problem=problem), "unsafe_tar_member"
+                continue
+            if e.layout == "caption":
+                yield _caption_sample(e, rid, key, files)
+                continue
+            text = decode_text(raw, e.encoding) if raw else ""
+            if text is None:
+                yield _raw_row(e, rid, shown(raw)), "bad_encoding"
                 continue
             try:
-                rec = json.loads(raw_json) if raw_json else None
+                rec = json.loads(text) if text else None
             except (json.JSONDecodeError, RecursionError):
                 rec = None
             if not isinstance(rec, dict):
-                yield _raw_row(e, rid, raw_json), "bad_json"
+                yield _raw_row(e, rid, text), "bad_json"
                 continue
-            idx = []
-            for s in files:
-                parts = s.split(".")
-                if parts[-1].lower() in IMAGE_EXTS:
-                    order = int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else -1
-                    idx.append((order, s))
-            images = [files[s] for _o, s in sorted(idx)]
-            yield _from_record(e, rid, rec, raw_json, (images, [], None))
+            if e.layout == "canonical" and rec.get("id"):
+                yield _canonical_sample(e, rec, _member_images(files))
+                continue
+            yield _sample(e, rid, rec, text, _member_images(files))
     except (tarfile.TarError, OSError, EOFError) as err:
         # the rest of the file cannot be read: one rejected row names the file and where it broke
-        yield _raw_row(e, f"{e.source}/{tar_stem}/@{seen}", "", file=e.path, error=str(err)), "corrupt_shard"
+        yield _raw_row(e, f"{e.id_prefix}/@{seen}", "", file=e.path, error=str(err)), "corrupt_shard"
+
+
+def _caption_sample(e: Entry, rid: str, key: str, files: dict[str, bytes]):
+    """img2dataset: `<key>.<img>` + `<key>.txt` (the caption) + `<key>.json` (its metadata -> meta)."""
+    caption = decode_text(files.get("txt", b""), e.encoding)
+    if caption is None:
+        return _raw_row(e, rid, shown(files.get("txt", b""))), "bad_encoding"
+    meta = {}
+    if files.get("json"):
+        text = decode_text(files["json"], e.encoding)
+        try:
+            meta = json.loads(text) if text is not None else {"metadata_raw": shown(files["json"])}
+        except (json.JSONDecodeError, RecursionError):
+            meta = {"metadata_raw": text}
+        meta = meta if isinstance(meta, dict) else {"metadata_raw": text}
+    meta.pop("caption", None)  # the same text as the .txt, which becomes the answer
+    meta["id"] = meta.get("key") or key
+    return _sample(e, rid, {**meta, "caption": caption}, caption, _member_images(files))
+
+
+def _canonical_sample(e: Entry, rec: dict, images: list[bytes]):
+    """An ivl shard's row: id, source, category and meta as written, checked like any other row."""
+    try:
+        meta = json.loads(rec.get("meta") or "{}")
+    except (json.JSONDecodeError, TypeError):
+        meta = {}
+    sub = Entry(**{**e.__dict__, "source": rec.get("source") or e.source, "category": rec.get("category") or e.category,
+                   "layout": "conversations", "from_meta": False})
+    body = {**(meta if isinstance(meta, dict) else {}), "conversations": rec.get("conversations")}
+    return _sample(sub, rec["id"], body, "", images)
 
 
 def _read_parquet(e: Entry, task: dict):
-    stem = _safe(Path(e.path).stem)
     try:
-        table = pq.read_table(e.path)
+        pf = pq.ParquetFile(e.path)
+        groups = range(pf.num_row_groups)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError for truncated or foreign files
-        yield _raw_row(e, f"{e.source}/{stem}/@0", "", file=e.path, error=str(err)), "corrupt_shard"
+        yield _raw_row(e, f"{e.id_prefix}/@0", "", file=e.path, error=str(err)), "corrupt_shard"
         return
-    cols = set(table.column_names)
-    if "conversations" not in cols:
-        for i in range(table.num_rows):
-            yield _raw_row(e, f"{e.source}/{stem}/{i}", "", file=e.path, columns=sorted(cols)), "foreign_schema"
-        return
-    canonical = {"id", "images", "meta"} <= cols
-    for i, rec in enumerate(table.to_pylist()):
-        rid = rec.get("id") if canonical and rec.get("id") else f"{e.source}/{stem}/{i}"
-        images = rec.get("images") if canonical else _parquet_images(rec.get("image"))
-        if images is None or not all(isinstance(b, bytes) for b in images):
-            yield _raw_row(e, rid, "", file=e.path, row=i), "bad_image_field"
+    i = 0
+    for g in groups:
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            rows = pf.read_row_group(g).to_pylist()
+        except Exception as err:  # a damaged row group: each of its rows is rejected, the rest read on
+            for j in range(i, i + n):
+                yield _raw_row(e, f"{e.id_prefix}/{j}", "", file=e.path, error=str(err)[:300]), "corrupt_row_group"
+            i += n
             continue
-        if canonical:
-            try:
-                meta = json.loads(rec.get("meta") or "{}")
-            except json.JSONDecodeError:
-                meta = {}
-            sub = Entry(**{**e.__dict__, "source": rec.get("source") or e.source,
-                           "category": rec.get("category") or e.category})
-            rec = {**(meta if isinstance(meta, dict) else {}), "conversations": rec["conversations"]}
-        else:
-            rec = {k: v for k, v in rec.items() if k != "image" and not isinstance(v, bytes)}
-            sub = e
-        row, reason = _from_record(sub, rid, rec, "", (images, [], None))
-        yield row, reason
+        for rec in rows:
+            rid = f"{e.id_prefix}/{i}"
+            i += 1
+            if e.layout == "canonical":
+                yield _canonical_parquet(e, rid, rec)
+                continue
+            raw = json.dumps({k: v for k, v in rec.items() if not _has_bytes(v)}, ensure_ascii=False, default=str)
+            yield _sample(e, rid, rec, raw)
 
 
-def _parquet_images(value) -> list[bytes] | None:
-    """`image` as bytes, a list of bytes, or HF datasets' {bytes, path} struct(s)."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for v in items:
-        if isinstance(v, dict):
-            v = v.get("bytes")
-        if not isinstance(v, bytes):
-            return None
-        out.append(v)
-    return out
+def _has_bytes(v) -> bool:
+    if isinstance(v, bytes | bytearray):
+        return True
+    if isinstance(v, dict):
+        return any(_has_bytes(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_has_bytes(x) for x in v)
+    return False
+
+
+def _canonical_parquet(e: Entry, rid: str, rec: dict):
+    images = rec.get("images")
+    if images is None or not all(isinstance(b, bytes) for b in images):
+        return _raw_row(e, rec.get("id") or rid, "", file=e.path), "bad_image_field"
+    return _canonical_sample(e, {**rec, "id": rec.get("id") or rid}, images)
+
+
+READERS = {"jsonl": _read_jsonl, "json": _read_json_array, "tar": _read_tar, "parquet": _read_parquet}
 
 
 def rows_to_tables(kept: list[dict], rejected: list[dict]) -> tuple[pa.Table, pa.Table]:
     k = pa.Table.from_pylist(kept, schema=CANONICAL) if kept else CANONICAL.empty_table()
     r = pa.Table.from_pylist(rejected, schema=REJECTED) if rejected else REJECTED.empty_table()
     return k, r
-

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline.ingest import ingest_task
 from pipeline.io import read_marker
-from pipeline.readers import entries_from_sources, plan_tasks, read_task
+from pipeline.readers import ConfigError, entries_from_sources, plan_tasks, read_task
 
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=50))
 JSON = st.recursive(JSON_LEAF, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
@@ -52,8 +52,9 @@ def test_jsonl_reader_survives_anything(tmp_path_factory, sample_images, lines):
         m = read_marker(str(out), t["key"])
         assert m["input"] == m["kept"] + m["rejected"]
         total += m["input"]
-    non_blank = sum(1 for line in lines if (line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass"))
-                    .replace(b"\n", b" ").strip())
+    encoded = [(line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")).replace(b"\n", b" ")
+               for line in lines]
+    non_blank = sum(1 for b in encoded if b.strip() and b.strip() != b"\xef\xbb\xbf")  # a lone BOM is no line
     assert total == non_blank  # nothing lost
     assert {p for p in files_under(d) if not p.startswith(str(out))} == before  # nothing written elsewhere
 
@@ -77,7 +78,12 @@ def test_tar_reader_survives_anything(tmp_path_factory, members, cut):
     raw = buf.getvalue()
     (d / "s.tar").write_bytes(raw[: len(raw) - cut] if cut < len(raw) else raw)
     before = files_under(d)
-    for t in plan_tasks(entries_from_sources([str(d / "s.tar")]), 100):
+    try:
+        tasks = plan_tasks(entries_from_sources([str(d / "s.tar")]), 100)
+    except ConfigError as e:  # samples with neither .json nor .txt: a layout ivl does not read, said at start
+        assert "unsupported layout" in str(e) and "s.tar" in str(e)
+        return
+    for t in tasks:
         kept, rejected = read_task(t)
         assert all(r["reject_reason"].startswith("ingest:") for r in rejected)
         assert len({r["id"] for r in kept + rejected}) == len(kept) + len(rejected)

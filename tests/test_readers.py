@@ -171,7 +171,7 @@ def test_tar_with_unsafe_members_and_truncation(tmp_path, sample_images):
     assert str(cut) in rejected[-1]["meta"]  # the report names the file
 
 
-def test_parquet_canonical_and_foreign(tmp_path, sample_images):
+def test_parquet_canonical_hf_and_truncated(tmp_path, sample_images):
     img = read_bytes(sample_images[0])
     canon = pa.Table.from_pylist([{"id": "x/1", "source": "x", "category": "c", "conversations": conv(), "images": [img],
                                    "meta": json.dumps({"max_dynamic_patch": 4})}], schema=CANONICAL)
@@ -179,12 +179,17 @@ def test_parquet_canonical_and_foreign(tmp_path, sample_images):
     hf = pa.table({"image": [{"bytes": img, "path": "a.png"}, None],
                    "conversations": [conv(), conv("Hi?", "Hello there.")]})
     pq.write_table(hf, tmp_path / "hf.parquet")
-    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "foreign.parquet")
     (tmp_path / "trunc.parquet").write_bytes(read_bytes(tmp_path / "canon.parquet")[:50])
-    kept, rejected = read_all([str(tmp_path / n) for n in ("canon.parquet", "hf.parquet", "foreign.parquet", "trunc.parquet")])
+    kept, rejected = read_all([str(tmp_path / n) for n in ("canon.parquet", "hf.parquet", "trunc.parquet")])
     assert [r["id"] for r in kept] == ["x/1", "hf/hf/0", "hf/hf/1"]
     assert json.loads(kept[0]["meta"])["max_dynamic_patch"] == 4 and kept[0]["images"] == [img]
-    assert sorted(r["reject_reason"] for r in rejected) == ["ingest:corrupt_shard"] + ["ingest:foreign_schema"] * 2
+    assert [r["reject_reason"] for r in rejected] == ["ingest:corrupt_shard"]
+
+
+def test_foreign_parquet_fails_at_start_naming_file_and_columns(tmp_path):
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "foreign.parquet")
+    with pytest.raises(ConfigError, match=r"foreign.parquet: unsupported layout \(columns \['text'\]\); supported"):
+        entries_from_sources([str(tmp_path / "foreign.parquet")])
 
 
 def test_image_path_with_a_nul_byte_is_rejected(tmp_path):
