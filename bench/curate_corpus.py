@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
 """The whole default curate config (jobs/configs/curate.yaml: structure, image checks, text rules,
-n-gram repetition, fastText language ID, exact + MinHash dedup) over the real text corpus through Ray
-on this machine's cores: docs/s end to end, and where the time went per stage.
+n-gram repetition, fastText language ID, exact + MinHash dedup) over the real text corpus through Ray,
+against the runner of commit bbfa868 (`git show bbfa868:pipeline/curate.py`, loaded as a module) in the
+same process, and the same runner on 1 core (CPU affinity {0}, Ray num_cpus 1) against all cores.
+Ray start-up is excluded from every figure (Ray is started, then the job is timed).
 The corpus documents become one-turn samples (the document is the assistant turn), written as
 canonical Parquet shards of 1,000 rows first (not timed).
-Usage: .venv/bin/python bench/curate_corpus.py [--corpus /tmp/text-corpus/corpus.jsonl] [--limit N]"""
+Usage: .venv/bin/python bench/curate_corpus.py [--corpus /tmp/text-corpus/corpus.jsonl] [--limit N]
+       [--no-baseline] [--no-one-core] [--cpu-models tasks|actors]"""
 
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+BASELINE = "bbfa868"
 
 
 def write_shards(corpus: str, out: str, limit: int | None, rows: int = 1000) -> int:
@@ -38,27 +49,85 @@ def write_shards(corpus: str, out: str, limit: int | None, rows: int = 1000) -> 
     return n
 
 
+def baseline_module():
+    """pipeline/curate.py as of commit bbfa868, imported under another name (it uses today's helpers)."""
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{BASELINE}:pipeline/curate.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="curate-baseline-"), f"curate_{BASELINE}.py")
+    with open(path, "w") as f:
+        f.write(src.replace('os.path.join(os.path.dirname(__file__), "..", "jobs"', f'os.path.join({ROOT!r}, "jobs"'))
+    spec = importlib.util.spec_from_file_location(f"curate_{BASELINE}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kept_ids(out: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return sorted(i for f in glob.glob(f"{out}/kept/*.parquet") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
+def timed(run, cfg, inp: str, out: str, cores: int) -> tuple[float, dict]:
+    import ray
+
+    from pipeline.session import init_ray
+
+    os.sched_setaffinity(0, set(range(cores)))  # Ray's raylet and workers inherit the driver's CPUs
+    init_ray(num_cpus=cores)
+    try:
+        t = time.perf_counter()
+        s = run(inp, out, cfg)
+        return time.perf_counter() - t, s
+    finally:
+        ray.shutdown()
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default="/tmp/text-corpus/corpus.jsonl")
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=20000)
+    ap.add_argument("--no-baseline", action="store_true", help=f"skip commit {BASELINE}'s runner")
+    ap.add_argument("--no-one-core", action="store_true", help="skip the run on one core")
+    ap.add_argument("--cpu-models", default=None, choices=["tasks", "actors"], help="override the config's cpu_models")
     a = ap.parse_args()
     os.environ["IVL_PROGRESS"] = "0"
     from pipeline.curate import load_curate_config, run_curate
-    from pipeline.session import init_ray
+    from pipeline.io import read_canonical
 
     tmp = tempfile.mkdtemp(prefix="bench-curate-")
     n = write_shards(a.corpus, f"{tmp}/in", a.limit)
-    init_ray(num_cpus=os.cpu_count())
-    t = time.perf_counter()
-    s = run_curate(f"{tmp}/in", f"{tmp}/out", load_curate_config(None))
-    wall = time.perf_counter() - t
-    print(f"docs: {n}, cores: {os.cpu_count()}, wall: {wall:.1f} s (Ray start excluded)")
-    print(f"default curate config through Ray: {n / wall:.0f} docs/s")
-    print(f"kept {s['kept']}, review {s['review']}, rejected {s['rejected']} "
-          f"(dedup: {s.get('dedup', {}).get('by_rule')})")
-    print("CPU seconds per stage (summed over workers):",
+    files = sorted(glob.glob(f"{tmp}/in/kept/*.parquet"))
+    arrow_bytes = sum(read_canonical(f).nbytes for f in files)
+    file_bytes = sum(os.path.getsize(f) for f in files)
+    cores = os.cpu_count()
+    cfg = load_curate_config(None)
+    if a.cpu_models:
+        cfg = cfg.model_copy(update={"cpu_models": a.cpu_models})
+    print(f"docs: {n} in {len(files)} shards ({arrow_bytes / 1e6:.1f} MB as Arrow, {file_bytes / 1e6:.1f} MB "
+          f"of Parquet), cores: {cores}, load average: {os.getloadavg()[0]:.1f}, cpu_models: {cfg.cpu_models}")
+    wall, s = timed(run_curate, cfg, f"{tmp}/in", f"{tmp}/out", cores)
+    print(f"this runner, {cores} cores: {wall:.1f} s, {n / wall:.0f} docs/s; kept {s['kept']}, review {s['review']}, "
+          f"rejected {s['rejected']} (dedup: {s.get('dedup', {}).get('by_rule')})")
+    print("  CPU seconds per stage (summed over workers):",
           ", ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()))
+    store = s["object_store_bytes"]
+    print(f"  bytes through Ray's object store: {store / 1e6:.2f} MB = {store / arrow_bytes:.3f}x the input's Arrow "
+          f"bytes ({store / file_bytes:.3f}x its Parquet bytes)")
+    ids = kept_ids(f"{tmp}/out")
+    if not a.no_one_core:
+        wall1, _ = timed(run_curate, cfg, f"{tmp}/in", f"{tmp}/out1", 1)
+        same = kept_ids(f"{tmp}/out1") == ids
+        print(f"this runner, 1 core: {wall1:.1f} s, {n / wall1:.0f} docs/s -> {cores} cores are {wall1 / wall:.2f}x "
+              f"faster than 1; same kept ids: {same}")
+    if not a.no_baseline:
+        old = baseline_module()
+        wallb, sb = timed(old.run_curate, old.load_curate_config(None), f"{tmp}/in", f"{tmp}/outb", cores)
+        same = kept_ids(f"{tmp}/outb") == ids
+        print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s -> this runner is "
+              f"{wallb / wall:.2f}x faster; same kept ids: {same}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     shutil.rmtree(tmp)
 
 

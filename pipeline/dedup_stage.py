@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections import Counter
 from functools import lru_cache
 from typing import Literal
 
@@ -43,6 +45,7 @@ from operators.dedup.exact import content_hashes
 from operators.dedup.image import band_values, hamming, near_pairs, phash
 from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
 from operators.dedup.minhash import MinHasher
+from pipeline.io import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ class DedupConfig(BaseModel):
     false_negative_weight: float = Field(0.8, description="LSH band choice weight (datasketch's _optimal_param)")
     keep: Literal["lowest_id", "highest_score"] = Field("lowest_id", description="survivor of a cluster")
     score_column: str | None = Field(None, description="column ranked by keep=highest_score, e.g. score_llm")
+    text_only: bool = Field(
+        False, description="MinHash ignores the images (before issue 12); default: a near-duplicate text is a "
+                           "duplicate only when its rows carry the same image bytes (templated VQA keeps its rows)")
     image: bool = Field(False, description="also remove rows whose images are near-duplicates (pHash)")
     image_max_hamming: int = Field(4, ge=0, le=15, description="max differing pHash bits per image")
     rows_per_partition: int = Field(100_000, ge=1, description="key rows (id, hash, signature) per shuffle partition")
@@ -106,6 +112,7 @@ def _key_schema(cfg: DedupConfig) -> pa.Schema:
             ("sig", pa.binary(4 * cfg.num_perm)),
             ("has_sh", pa.bool_()),
             ("phash", pa.list_(pa.uint64())),
+            ("img", pa.uint64()),
         ]
     )
 
@@ -137,8 +144,19 @@ def _phashes(images: list[bytes] | None) -> list[int]:
         return []
 
 
-def _row_keys(batch: pa.Table, cfg: dict) -> pa.Table:
-    c = DedupConfig(**cfg)
+def image_identity(images: list[bytes] | None) -> int:
+    """64-bit identity of a row's image bytes, in order (0: no images); part of the MinHash band keys."""
+    if not images:
+        return 0
+    h = xxhash.xxh3_64()
+    for b in images:
+        h.update(xxhash.xxh3_128_digest(b))
+    return h.intdigest() or 1
+
+
+def row_keys(batch: pa.Table, c: DedupConfig) -> pa.Table:
+    """Per row the dedup key columns (id, score, ehash, sig, has_sh, phash, img): all that the global
+    dedup moves between workers; never the text or the images."""
     cols: dict[str, pa.Array] = {"id": pc.cast(batch.column("id"), pa.string())}
     cols["score"] = (
         pc.cast(batch.column(c.score_column), pa.float64())
@@ -151,11 +169,17 @@ def _row_keys(batch: pa.Table, cfg: dict) -> pa.Table:
         cols["sig"], cols["has_sh"] = _sig_array(sig), pa.array(ok)
     else:
         cols["sig"], cols["has_sh"] = pa.nulls(batch.num_rows, pa.binary(4 * c.num_perm)), pa.nulls(batch.num_rows, pa.bool_())
-    if c.image and "images" in batch.column_names:
-        cols["phash"] = pa.array([_phashes(im) for im in batch.column("images").to_pylist()], pa.list_(pa.uint64()))
+    images = batch.column("images").to_pylist() if "images" in batch.column_names else [None] * batch.num_rows
+    if c.image:
+        cols["phash"] = pa.array([_phashes(im) for im in images], pa.list_(pa.uint64()))
     else:
         cols["phash"] = pa.array([[]] * batch.num_rows, pa.list_(pa.uint64()))
-    return pa.table(cols)
+    cols["img"] = pa.array([image_identity(im) for im in images], pa.uint64())
+    return pa.table(cols, schema=_key_schema(c))
+
+
+def _row_keys(batch: pa.Table, cfg: dict) -> pa.Table:
+    return row_keys(batch, DedupConfig(**cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +287,14 @@ def _exact_reps(t: pa.Table) -> pa.Table:
     return t.filter(pc.equal(t.column("erep"), t.column("id"))).drop_columns(["erep"])
 
 
-def _band_rows(t: pa.Table, bands: int, rows: int, num_perm: int, parts: int) -> pa.Table:
+def _band_rows(t: pa.Table, bands: int, rows: int, num_perm: int, parts: int, text_only: bool = True) -> pa.Table:
     keys = band_keys(_sig_matrix(t.column("sig"), num_perm), bands, rows)
     n = t.num_rows
+    if not text_only:  # rows share a bucket only with rows of the same image bytes (text-only rows: unchanged)
+        img = t.column("img").to_numpy(zero_copy_only=False).astype(np.uint64)[:, None]
+        with np.errstate(over="ignore"):
+            mixed = (keys.view(np.uint64) ^ img) * np.uint64(0x9E3779B97F4A7C15) + img
+        keys = np.where(img == 0, keys.view(np.uint64), mixed).view(np.int64)
     key = keys.ravel()
     out = pa.table(
         {
@@ -436,7 +465,13 @@ def dedup_decisions(ds: ray.data.Dataset, cfg: DedupConfig | None = None) -> ray
 def _decisions(ds: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset, int]:
     if cfg.keep == "highest_score" and cfg.score_column not in ds.schema().names:
         raise ValueError(f"dedup: keep=highest_score but the rows have no column {cfg.score_column!r}")
-    keys = ds.map_batches(_row_keys, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow").materialize()
+    keys = ds.map_batches(_row_keys, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow")
+    return decisions_from_keys(keys, cfg)
+
+
+def decisions_from_keys(keys: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset, int]:
+    """The removed rows (id, dedup_rule, dup_of), materialized, from key rows (`row_keys`), and the key rows' count."""
+    keys = keys.materialize()
     n = keys.count()
     if n == 0:
         return ray.data.from_arrow(DECISIONS.empty_table()), 0
@@ -448,14 +483,17 @@ def _decisions(ds: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset
 
     # exact: one representative (survivor) per content hash; only representatives go on
     if cfg.exact:
+        # a text that normalises to nothing has no hash (content_hashes_of): never an exact duplicate
+        hashed = keys.map_batches(lambda t: t.filter(pc.is_valid(t.column("ehash"))), batch_format="pyarrow")
+        unhashed = keys.map_batches(lambda t: t.filter(pc.is_null(t.column("ehash"))), batch_format="pyarrow")
         keyed = _shuffle(
-            keys.map_batches(lambda t: _with_part(t, _ehash_part(t.column("ehash"), parts)), batch_format="pyarrow"),
+            hashed.map_batches(lambda t: _with_part(t, _ehash_part(t.column("ehash"), parts)), batch_format="pyarrow"),
             _exact_part,
             parts,
             score=score,
         ).materialize()
         exact_dups = keyed.map_batches(_exact_dups, batch_format="pyarrow")
-        reps = keyed.map_batches(_exact_reps, batch_format="pyarrow").materialize()
+        reps = keyed.map_batches(_exact_reps, batch_format="pyarrow").union(unhashed).materialize()
     else:
         exact_dups, reps = ray.data.from_arrow(empty), keys
 
@@ -466,7 +504,7 @@ def _decisions(ds: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset
         with_sh = reps.map_batches(lambda t: t.filter(t.column("has_sh")), batch_format="pyarrow")
         bparts = max(cpus, math.ceil(n * bands / cfg.rows_per_partition))
         band_rows = with_sh.map_batches(
-            _band_rows, fn_args=(bands, rows, cfg.num_perm, bparts), batch_format="pyarrow"
+            _band_rows, fn_args=(bands, rows, cfg.num_perm, bparts, cfg.text_only), batch_format="pyarrow"
         )
         candidates = _shuffle(band_rows, cc.bucket_star_edges, bparts)
         sigs = with_sh.select_columns(["id", "sig"])
@@ -505,3 +543,68 @@ def _decisions(ds: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset
         decisions = decisions.union(image_dups)
     out = decisions.map_batches(lambda t: t.select(DECISIONS.names).cast(DECISIONS), batch_format="pyarrow")
     return out.materialize(), n
+
+
+# ---------------------------------------------------------------------------------------------
+# decisions partitioned by input shard (the curate runner's dedup phase)
+
+LOCS = pa.schema([("orig", _S), ("_shard", _S), ("_row", pa.int64())])
+SHARD_DECISIONS = pa.schema([("_row", pa.int64()), ("dedup_rule", _S), ("dup_of", _S)])
+
+
+def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str) -> dict:
+    """Global dedup over the key rows in `key_files` (columns of `row_keys` plus `orig` = the id a
+    repeat_time copy repeats, `_shard`, `_row`), its decisions written per shard to
+    `out_folder/<shard>.parquet` (_row, dedup_rule, dup_of; no file: nothing removed there).
+    Only originals (orig == id) take part; a copy follows its original's fate. Key rows only move:
+    the driver gets per-block rule counts. Returns {removed, by_rule, object_store_bytes}."""
+    ds = ray.data.read_parquet(key_files)
+    ds.set_name("ivl-curate:dedup_keys")
+    originals = ds.map_batches(
+        lambda t: t.filter(pc.equal(t.column("orig"), t.column("id"))).select(_key_schema(cfg).names),
+        batch_format="pyarrow")
+    decisions, n = decisions_from_keys(originals, cfg)
+    counts = decisions.map_batches(_rule_counts, batch_format="pyarrow").take_all()
+    by_rule = Counter()
+    for r in counts:
+        by_rule[r["rule"]] += r["n"]
+    stats = {"removed": sum(by_rule.values()), "by_rule": dict(sorted(by_rule.items()))}
+    if not by_rule:
+        return {**stats, "object_store_bytes": dataset_store_bytes(decisions)}
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    parts = max(cpus, math.ceil(n / cfg.rows_per_partition))
+    locs = ds.map_batches(lambda t: t.select(LOCS.names).cast(LOCS), batch_format="pyarrow")
+    located = _join(locs, decisions, "orig", "id", "inner", parts, LOCS, DECISIONS)
+
+    def write(t: pa.Table) -> pa.Table:
+        for shard in sorted(set(t.column("_shard").to_pylist())):
+            part = t.filter(pc.equal(t.column("_shard"), shard)).select(SHARD_DECISIONS.names).cast(SHARD_DECISIONS)
+            write_parquet_atomic(part.sort_by("_row"), os.path.join(out_folder, f"{shard}.parquet"))
+        return pa.table({"rows": [t.num_rows]})
+
+    keyed = located.map_batches(lambda t: _with_part(t, _str_part(t.column("_shard"), parts)), batch_format="pyarrow")
+    written = _shuffle(keyed, write, parts)
+    written.set_name("ivl-curate:dedup_decisions")
+    written = written.materialize()
+    return {**stats, "object_store_bytes": dataset_store_bytes(written) + dataset_store_bytes(decisions)}
+
+
+def _rule_counts(t: pa.Table) -> pa.Table:
+    c = Counter(t.column("dedup_rule").to_pylist())
+    return pa.table({"rule": pa.array(list(c), _S), "n": pa.array(list(c.values()), pa.int64())})
+
+
+def dataset_store_bytes(ds: ray.data.Dataset) -> int:
+    """Bytes of the blocks that the executed operators of ds, and of the datasets it was built from,
+    put into Ray's object store (Ray Data's stats: each operator's `output_size_bytes` sum), each
+    dataset counted once."""
+    seen: set[tuple[str, int]] = set()
+
+    def walk(summary) -> int:
+        if (summary.dataset_uuid, summary.number) in seen:
+            return 0
+        seen.add((summary.dataset_uuid, summary.number))
+        total = sum(int(op.output_size_bytes.sum) for op in summary.operators_stats if op.output_size_bytes)
+        return total + sum(walk(p) for p in summary.parents)
+
+    return walk(ds.get_stats_summary())

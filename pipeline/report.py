@@ -45,10 +45,10 @@ def check_accounting(summary: dict, splits=SPLITS[:2]) -> None:
 
 
 def write_summary(out_dir: str, summary: dict) -> str:
+    from pipeline.io import atomic_write_bytes
+
     path = os.path.join(out_dir, "report", "summary.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    atomic_write_bytes(path, json.dumps(summary, indent=2, sort_keys=True).encode())
     return path
 
 
@@ -77,6 +77,26 @@ def histogram(values, path: str, title: str, thresholds: list[float] | None = No
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(values, bins=bins, color="#55a868")
+    for t in thresholds or []:
+        ax.axvline(t, color="#c44e52", linestyle="--", label=f"threshold {t:g}")
+    if thresholds:
+        ax.legend()
+    ax.set_title(title)
+    ax.set_ylabel("rows")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def binned_histogram(values: list[float], counts: list[int], path: str, title: str,
+                     thresholds: list[float] | None = None, bins: int = 40) -> str | None:
+    """`histogram` drawn from pre-binned counts (pipeline/jobs.Histogram), so no shard is re-read."""
+    if not values:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=bins, weights=counts, color="#55a868")
     for t in thresholds or []:
         ax.axvline(t, color="#c44e52", linestyle="--", label=f"threshold {t:g}")
     if thresholds:

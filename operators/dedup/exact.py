@@ -15,15 +15,19 @@ from operators.base import conversation_texts
 from operators.dedup.minhash import _pieces, token_hashes
 
 
-def content_hashes_of(texts: list[str], images: list[list[bytes] | None]) -> list[bytes]:
-    """Per document, xxh3-128 of its token hashes, then of each image (length-prefixed)."""
-    out: list[bytes] = []
+def content_hashes_of(texts: list[str], images: list[list[bytes] | None]) -> list[bytes | None]:
+    """Per document, xxh3-128 of its token hashes, then of each image (length-prefixed); None for a
+    text that normalises to nothing (no tokens), which must never make an exact-duplicate group."""
+    out: list[bytes | None] = []
     start = 0
     for piece in _pieces(texts):
         th, counts = token_hashes(piece)
         raw = th.tobytes()
         pos = 0
         for k, c in enumerate(counts.tolist()):
+            if c == 0:
+                out.append(None)
+                continue
             h = xxhash.xxh3_128(raw[pos * 8 : (pos + c) * 8])
             pos += c
             for img in images[start + k] or []:
@@ -34,12 +38,12 @@ def content_hashes_of(texts: list[str], images: list[list[bytes] | None]) -> lis
     return out
 
 
-def content_hash(text: str, images: list[bytes] | None = None) -> bytes:
+def content_hash(text: str, images: list[bytes] | None = None) -> bytes | None:
     """`content_hashes_of` for one document."""
     return content_hashes_of([text], [images])[0]
 
 
-def content_hashes(table: pa.Table) -> list[bytes]:
+def content_hashes(table: pa.Table) -> list[bytes | None]:
     """Per row of a canonical table: the content hash of all turns' text and the row's images."""
     texts = conversation_texts(table, "all")
     images = table.column("images").to_pylist() if "images" in table.column_names else [None] * len(texts)
