@@ -265,18 +265,46 @@ def test_packed_rows_concatenate_samples_and_restart_positions():
 )
 def test_stream_keeps_every_sample_and_its_pieces_in_order(layouts, mode, buffer_size):
     samples = [make_sample(f"s{k}", lay) for k, lay in enumerate(layouts)]
-    packs = list(pack_stream(select_samples([samples], max_tokens=5000, max_tiles=20), Packer(5000, 20, buffer_size, mode)))
+    rejected, dropped = [], []
+    stream = select_samples([samples], max_tokens=5000, max_tiles=20, on_reject=lambda x, r: rejected.append((x, r)),
+                            on_drop=dropped.append)
+    packs = list(pack_stream(stream, Packer(5000, 20, buffer_size, mode)))
     rows = [packed_row(p) for p in packs]
     got: dict[str, list] = {}
     for r in rows:
         assert r["num_tokens"] <= 5000 and r["num_tiles"] <= 20
+        assert (np.asarray(r["labels"]) != -100).any(), "a pack with no supervised token"
         cu = r["cu_seqlens"]
         for k, sid in enumerate(r["sample_ids"]):
             assert np.array_equal(r["position_ids"][cu[k] : cu[k + 1]], np.arange(cu[k + 1] - cu[k]))
             base, _, part = sid.partition("#")
             got.setdefault(base, []).append((int(part) if part else -1, r["input_ids"][cu[k] : cu[k + 1]]))
-    assert sorted(got) == sorted(s.sample_id for s in samples)  # every sample, none twice
+    # a sample with no supervised token is rejected whole; every other one is packed exactly once
+    assert {x.sample_id for x, _ in rejected} == {s.sample_id for s in samples if (s.labels == -100).all()}
+    assert {r for _, r in rejected} <= {"no_answer"}
+    assert sorted(got) == sorted(s.sample_id for s in samples if (s.labels != -100).any())
+    for p in dropped:  # dropped pieces: of split samples, and only those with nothing to learn
+        assert p.part >= 0 and (p.labels == -100).all()
+        got[p.sample_id.partition("#")[0]].append((p.part, p.input_ids))
     for s in samples:
-        parts = got[s.sample_id]
+        parts = sorted(got.get(s.sample_id, []), key=lambda x: x[0])
+        if not parts:
+            continue
         assert [p for p, _ in parts] == ([-1] if len(parts) == 1 else list(range(len(parts))))  # in order
         assert np.array_equal(np.concatenate([ids for _, ids in parts]), s.input_ids)
+    order = [sid for r in rows for sid in r["sample_ids"]]
+    for base in got:  # a split sample's packed pieces keep their order across packs
+        ks = [int(x.partition("#")[2]) for x in order if x.startswith(base + "#")]
+        assert ks == sorted(ks)
+
+
+def test_a_piece_without_an_answer_is_dropped_and_the_one_before_it_ends_the_sample():
+    # prompt, a long answer, then an image and a question with no answer: the last cut learns nothing
+    s = make_sample("s", [2000, ("img", 6), 30])
+    s.labels[: 2000 // 2] = -100  # a prompt, then the answer
+    s.labels[2000:] = -100
+    dropped = []
+    pieces = list(select_samples([[s]], max_tokens=2500, max_tiles=48, on_drop=dropped.append))
+    assert [p.sample_id for p in pieces] == ["s#0"] and pieces[0].last
+    assert [p.sample_id for p in dropped] == ["s#1"] and dropped[0].tiles == 6
+    assert list(select_samples([[s]], max_tokens=5000, max_tiles=48)) == [s]  # unsplit: kept whole

@@ -16,6 +16,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator
 
 from operators.packing.buffers import BufferList
+from operators.packing.repack import first_fit_decreasing
 from operators.packing.sample import Pack, Piece, Record
 
 MODES = ("ivl", "internvl")
@@ -50,6 +51,7 @@ class BestFitPacker:
         # fill the last gap of most packs and small enough that holding them back barely delays them.
         reserve_max_tokens = max_tokens * 3 // 128 if reserve_max_tokens is None else reserve_max_tokens
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
+        self._args = (max_tokens, max_tiles, buffer_size, reserve_size, reserve_max_tokens, min_tokens)
         self.buffers = BufferList(max_tokens, max_tiles, buffer_size, reserve_size, reserve_max_tokens)
         # A pack with less room than the smallest sample seen (at most `min_tokens`) cannot take more.
         self.full_below = min_tokens
@@ -152,6 +154,20 @@ class BestFitPacker:
         if b.open > b.capacity:
             out.append(b.pop_fullest())
 
+    def drain(self) -> list[Record]:
+        """Take every record still held (open buffers, fullest first, then the reserve) and empty the packer."""
+        b = self.buffers
+        ib = b.id_bits
+        keys = sorted(k for k in (*b.keys, *b.text_keys) if k != b.sentinel)
+        recs = [r for k in keys for r in b.contents[k & ((1 << ib) - 1)]]
+        recs += b.reserve
+        self.__init__(*self._args)
+        return recs
+
+    def finish(self) -> list[Pack]:
+        """At the end: what is left repacked first-fit decreasing (repack.py), not flushed half full."""
+        return first_fit_decreasing(self.drain(), self.max_tokens, self.max_tiles)
+
     def flush(self) -> list[Pack]:
         """At the end: every open buffer leaves, fullest first (each topped off), then the reserve."""
         b = self.buffers
@@ -214,6 +230,8 @@ class InternVLPacker:
         self.buffers = []
         return out
 
+    finish = flush  # the public policy has no end-of-stream repack
+
 
 class Packer:
     """Streaming packer: `add(record) -> packs ready now`, `flush() -> the rest`.
@@ -248,11 +266,17 @@ class Packer:
         return self.impl.add_many(recs)
 
     def flush(self) -> list[Pack]:
+        """Every open buffer as it is (the streaming policy's own end)."""
         return self.impl.flush()
 
+    def finish(self) -> list[Pack]:
+        """The end of a stream: mode "ivl" repacks what is left first-fit decreasing; "internvl" flushes."""
+        return self.impl.finish()
 
-def pack_stream(samples: Iterable[Piece | Record], packer: Packer) -> Iterator[Pack]:
-    """Drive a packer over a selected stream; yields every pack, the flushed ones last.
+
+def pack_stream(samples: Iterable[Piece | Record], packer: Packer, finish: bool = True) -> Iterator[Pack]:
+    """Drive a packer over a selected stream; yields every pack, those of `packer.finish()` last
+    (with `finish=False` the caller takes what is left itself).
 
     A piece of a split sample that is not its last leaves alone as its own pack: the greedy cut made
     it as full as its image blocks allow, and emitting it at once keeps a sample's pieces in order."""
@@ -262,4 +286,5 @@ def pack_stream(samples: Iterable[Piece | Record], packer: Packer) -> Iterator[P
             yield Pack(rec.tokens, rec.tiles, [rec])
             continue
         yield from packer.add(rec)
-    yield from packer.flush()
+    if finish:
+        yield from packer.finish()
