@@ -165,7 +165,9 @@ def render_batch(
             plan += [(np.array([v.im_end], np.int32), learn), (v.newline, False)]
         plans.append(plan)
 
-    encoded = _encoder(tokenizer)(texts) if texts else []
+    unique = list(dict.fromkeys(texts))  # the system prompt and repeated turns: encoded once per batch
+    by_text = dict(zip(unique, _encoder(tokenizer)(unique))) if unique else {}
+    encoded = [by_text[t] for t in texts]
     out = []
     for plan in plans:
         ids_parts, label_parts, spans, pos = [], [], [], 0
