@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.io import DEFAULT_ROWS_PER_SHARD, read_marker, write_shards
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
+
+from pipeline.io import DEFAULT_ROWS_PER_SHARD, read_marker, write_parquet_atomic, write_shards
 from pipeline.jobs import AccountingError, Marker, check_accounting, commit, merge
 from pipeline.readers import (
     count_input,
@@ -24,10 +28,8 @@ from pipeline.readers import (
     rows_to_tables,
 )
 from pipeline.records import DEFAULT_INSTRUCTION
-from pipeline.report import bar_chart, write_summary
 
 SPLITS = ("kept", "rejected")
-DUPLICATE_EXAMPLES = 5  # duplicate source ids named per unit in the report
 
 
 @dataclass
@@ -62,30 +64,41 @@ def ingest_task(task: dict, out_dir: str, fmt: str, rows_per_shard: int) -> dict
     m = Marker(key=task["key"], input=expected, files=[os.path.relpath(f, out_dir) for f in files])
     m.add_rows("kept", (r["source"] for r in kept))
     m.add_rows("rejected", (r["source"] for r in rejected), (r["reject_reason"] for r in rejected))
-    m.extra = _unit_notes(task, kept + rejected)
+    m.extra = _unit_notes(task, kept + rejected, out_dir)
     commit(out_dir, m)
     return {"key": task["key"], "input": expected}
 
 
-def _unit_notes(task: dict, rows: list[dict]) -> dict:
-    """Duplicate source ids (the dataset's own `id`) within the unit, and img2dataset's own count."""
+def _unit_notes(task: dict, rows: list[dict], out_dir: str) -> dict:
+    """img2dataset's own count, and the source ids (the dataset's `id`) as 64-bit hashes in `_ids/<key>.parquet`,
+    so duplicates across every unit of a source are found from key rows alone (`find_duplicate_ids`)."""
     notes: dict = {}
-    ids: Counter = Counter()
+    sources, hashes = [], []
     for r in rows:
         orig = json.loads(r["meta"]).get("orig_id") if r["meta"] and '"orig_id"' in r["meta"] else None
         if orig is not None:
-            ids[(r["source"], json.dumps(orig))] += 1
-    dups = {k: n for k, n in ids.items() if n > 1}
-    if dups:
-        by_source: Counter = Counter()
-        for (src, _orig), n in dups.items():
-            by_source[src] += n - 1
-        notes["duplicate_source_ids"] = dict(by_source)
-        notes["duplicate_source_id_examples"] = [f"{s}: id {o} x{n}" for (s, o), n in list(dups.items())[:DUPLICATE_EXAMPLES]]
+            sources.append(r["source"])
+            hashes.append(xxhash.xxh64_intdigest(json.dumps(orig, sort_keys=True).encode()))
+    if hashes:
+        table = pa.table({"source": sources, "h": pa.array(hashes, pa.uint64())})
+        write_parquet_atomic(table, os.path.join(out_dir, "_ids", f"{task['key']}.parquet"))
     expected = img2dataset_expected(task["entry"].get("stats"))
     if expected is not None:
         notes["img2dataset_successes"] = {task["entry"]["path"]: expected}
     return notes
+
+
+def find_duplicate_ids(out_dir: str, keys: list[str]) -> dict[str, int]:
+    """Rows per source whose source id another row of the same source already has, from the key rows only
+    (source, 8-byte hash): pyarrow's hash group-by, a few MB for millions of rows."""
+    files = [f for f in (os.path.join(out_dir, "_ids", f"{k}.parquet") for k in keys) if os.path.exists(f)]
+    if not files:
+        return {}
+    ids = pa.concat_tables(pq.read_table(f) for f in files)
+    counts = ids.group_by(["source", "h"]).aggregate([("h", "count")])
+    extra = pc.subtract(counts["h_count"], 1)
+    per_source = pa.table({"source": counts["source"], "extra": extra}).group_by("source").aggregate([("extra", "sum")])
+    return {s: n for s, n in zip(per_source["source"].to_pylist(), per_source["extra_sum"].to_pylist()) if n}
 
 
 def run_ingest(sources: list[str] | IngestPlan, out_dir: str, fmt: str = "parquet", image_root: str | None = None,
@@ -93,6 +106,8 @@ def run_ingest(sources: list[str] | IngestPlan, out_dir: str, fmt: str = "parque
     """Plan on the driver (bad config fails here) unless given a plan, read and write in Ray tasks, then account
     from the markers alone."""
     import ray  # only here: planning and validation never start or import Ray
+
+    from pipeline.report import bar_chart, write_summary  # matplotlib: not on the validation path
 
     t0 = time.time()
     plan = sources if isinstance(sources, IngestPlan) else plan_ingest(sources, image_root, rows_per_shard, **plan_options)
@@ -113,7 +128,7 @@ def run_ingest(sources: list[str] | IngestPlan, out_dir: str, fmt: str = "parque
     summary.pop("review", None)
     summary.pop("review_reasons", None)
     check_accounting(summary, markers, splits=SPLITS)
-    summary.update(_merge_notes(markers, tasks))
+    summary.update(_merge_notes(out_dir, markers, tasks))
     summary.update(format=fmt, shards=len(tasks), resumed_shards=len(tasks) - len(todo), skipped_files=plan.skipped,
                    seconds=round(time.time() - t0, 2))
     bar_chart(summary["reasons"], os.path.join(out_dir, "report", "rejected_by_reason.png"), "ingest: rejected rows by reason")
@@ -121,17 +136,11 @@ def run_ingest(sources: list[str] | IngestPlan, out_dir: str, fmt: str = "parque
     return summary
 
 
-def _merge_notes(markers: list[Marker], tasks: list[dict]) -> dict:
-    dup: Counter = Counter()
-    examples: list[str] = []
+def _merge_notes(out_dir: str, markers: list[Marker], tasks: list[dict]) -> dict:
     stats: dict[str, int] = {}
     for m in markers:
-        dup.update(m.extra.get("duplicate_source_ids", {}))
-        examples += m.extra.get("duplicate_source_id_examples", [])
         stats.update(m.extra.get("img2dataset_successes", {}))
-    out: dict = {"duplicate_source_ids": dict(sorted(dup.items()))}
-    if examples:
-        out["duplicate_source_id_examples"] = examples[:20]
+    out: dict = {"duplicate_source_ids": dict(sorted(find_duplicate_ids(out_dir, [t["key"] for t in tasks]).items()))}
     by_key = {m.key: m for m in markers}
     mismatch = {}
     for t in tasks:

@@ -101,3 +101,74 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "annotation" in p.stderr and "not found" in p.stderr
     assert not (tmp_path / "o").exists()  # failed before any work
+
+
+def test_a_reader_that_loses_a_row_fails_the_unit(tmp_path, sample_images, monkeypatch):
+    """The input count comes from the file, not the reader: plant a reader bug that drops a row."""
+    import pytest
+
+    import pipeline.readers as readers
+    from pipeline.jobs import AccountingError
+
+    shutil.copy(sample_images[0], tmp_path / "a.png")
+    write_jsonl(tmp_path / "x.jsonl", [{"image": "a.png", "conversations": conv()}] * 3)
+    honest = readers.READERS["jsonl"]
+
+    def drops_the_second(e, task):
+        for i, item in enumerate(honest(e, task)):
+            if i != 1:
+                yield item
+
+    monkeypatch.setitem(readers.READERS, "jsonl", drops_the_second)
+    (task,) = plan_tasks(entries_from_sources([str(tmp_path / "x.jsonl")]), 10)
+    with pytest.raises(AccountingError, match="3 input rows counted from the file but the reader returned 2 kept"):
+        ingest_task(task, str(tmp_path / "out"), "parquet", 10)
+    assert not (tmp_path / "out" / "_done").exists()  # nothing committed
+
+
+def test_tar_and_parquet_counts_come_from_headers_and_footers(tmp_path, sample_images, monkeypatch):
+    import pytest
+
+    import pipeline.readers as readers
+    from pipeline.jobs import AccountingError
+
+    img = open(sample_images[0], "rb").read()
+    pq_path = tmp_path / "hf.parquet"
+    pa_table = pa.table({"image": [{"bytes": img, "path": "a.png"}] * 5, "conversations": [conv()] * 5})
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa_table, pq_path, row_group_size=2)
+    from helpers import write_tar
+
+    write_tar(tmp_path / "s.tar", [(f"k{i}", {"conversations": conv()}, [img], "png") for i in range(4)])
+    for kind, src in (("parquet", pq_path), ("tar", tmp_path / "s.tar")):
+        (task,) = plan_tasks(entries_from_sources([str(src)]), 10)
+        honest = readers.READERS[kind]
+        monkeypatch.setitem(readers.READERS, kind, lambda e, t, h=honest: list(h(e, t))[:-1])
+        with pytest.raises(AccountingError, match="counted from the file"):
+            ingest_task(task, str(tmp_path / f"out-{kind}"), "parquet", 10)
+        monkeypatch.setitem(readers.READERS, kind, honest)
+        assert ingest_task(task, str(tmp_path / f"out-{kind}"), "parquet", 10)["input"] == (5 if kind == "parquet" else 4)
+
+
+def test_mixed_layouts_job_accounts_and_flags_duplicate_source_ids(ray_local, tmp_path, sample_images):
+    import webdataset as wds
+
+    img = open(sample_images[0], "rb").read()
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(sample_images[0], d / "a.png")
+    write_jsonl(d / "a.jsonl", [{"id": 7, "image": "a.png", "conversations": conv()}, {"id": 7, "conversations": []}])
+    write_jsonl(d / "sub" / "a.jsonl", [{"id": 7, "conversations": conv("Hi?", "Hello.")}])
+    (d / "arr.json").write_text(json.dumps([{"id": "x", "conversations": conv("Q?", "A.")}] * 3))
+    with wds.TarWriter(str(d / "sub" / "w.tar.gz"), compress=True) as sink:
+        for i in range(11):
+            sink.write({"__key__": f"k{i:02d}", "png": img, "json": json.dumps({"conversations": conv()}).encode()})
+    (d / "dataset_info.json").write_text("{}")
+    s = run_ingest([str(d)], str(tmp_path / "out"), rows_per_shard=2)
+    assert s["input"] == 2 + 1 + 3 + 11 == s["kept"] + s["rejected"] and s["rejected"] == 1
+    assert s["sources"]["mixed/sub"]["input"] == 12 and s["sources"]["mixed"]["input"] == 5
+    assert s["duplicate_source_ids"] == {"mixed": 2}  # "x" three times in arr.json, across two units; id 7 once per source
+    assert [f["file"].endswith("dataset_info.json") for f in s["skipped_files"]] == [True]
+    rows = read_rows(tmp_path / "out" / "kept") + read_rows(tmp_path / "out" / "rejected")
+    assert len({r["id"] for r in rows}) == 17
