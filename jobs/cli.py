@@ -12,6 +12,8 @@ import os
 import sys
 
 from pipeline.io import DEFAULT_ROWS_PER_SHARD
+from pipeline.readers import INPUT_FORMATS
+from pipeline.records import DEFAULT_INSTRUCTION
 
 
 class UsageError(Exception):
@@ -32,15 +34,18 @@ def _done(summary_path: str, summary: dict, keys=("input", "kept", "rejected", "
 
 
 def cmd_ingest(a) -> None:
-    from pipeline.ingest import run_ingest
+    from pipeline.ingest import plan_ingest, run_ingest
     from pipeline.io import check_readable
-    from pipeline.readers import entries_from_sources
+
+    # sources, layouts and flags are checked before Ray is imported, so an error is the one line printed
+    plan = plan_ingest(a.src, a.image_root, a.rows_per_shard, input_format=a.input_format, encoding=a.encoding,
+                       instruction=a.caption_instruction, remote_images=a.remote_images)
+    if a.fail_fast:
+        check_readable(sorted({t["entry"]["path"] for t in plan.tasks if t["entry"]["kind"] in ("tar", "parquet")}))
     from pipeline.session import ray_session
 
-    if a.fail_fast:  # before Ray starts, so the error is the one line printed
-        check_readable([e.path for e in entries_from_sources(a.src, a.image_root) if e.kind != "jsonl"])
     with ray_session(a.address, a.num_cpus):
-        s = run_ingest(a.src, a.out, fmt=a.format, image_root=a.image_root, rows_per_shard=a.rows_per_shard)
+        s = run_ingest(plan, a.out, fmt=a.format, rows_per_shard=a.rows_per_shard)
     _done(os.path.join(a.out, "report", "summary.json"), s)
 
 
@@ -150,10 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("ingest", help="raw sources -> canonical shards")
-    p.add_argument("src", nargs="+", help="InternVL meta .json, .jsonl, WebDataset .tar, .parquet, or folders")
+    p.add_argument("src", nargs="+", help="InternVL meta .json, .jsonl, LLaVA .json, .parquet, WebDataset .tar[.gz], "
+                   "or folders of them")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")
-    p.add_argument("--image-root", default=None, help="image folder for bare .jsonl sources")
+    p.add_argument("--input-format", default="auto", choices=list(INPUT_FORMATS),
+                   help="layout of the sources (default: detected from each file)")
+    p.add_argument("--output-format", "--format", dest="format", choices=["parquet", "webdataset"], default="parquet",
+                   help="shards to write (--format is the old spelling)")
+    p.add_argument("--image-root", default=None, help="image folder for bare .jsonl/.json/.parquet sources")
+    p.add_argument("--encoding", default=None,
+                   help="text encoding of the sources (default UTF-8: invalid bytes are rejected as bad_encoding)")
+    p.add_argument("--caption-instruction", default=DEFAULT_INSTRUCTION,
+                   help="the question a caption answers (img2dataset .txt captions)")
+    p.add_argument("--remote-images", action="store_true",
+                   help="read s3:// gs:// https:// images through pyarrow.fs/fsspec (else rejected as remote_image)")
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
     p.add_argument("--fail-fast", action="store_true",
                    help="stop at start on a truncated/corrupt shard instead of reporting it as a rejected row")
