@@ -1,25 +1,24 @@
-"""Heuristic text rules: InternVL 2.5's three (REFERENCE.md "Data filtering", paper §4.3) and the
-Gopher quality + repetition rules (Rae et al. 2021, Table A1) with DataTrove's semantics.
+"""Heuristic text rules: InternVL 2.5's three (REFERENCE.md "Data filtering", paper §4.3), symbol soup,
+and document rule sets: Gopher's quality + repetition rules by the paper's own definitions (Rae et al.
+2021, "Scaling Language Models", appendix A.1.1 and Table A1), with the C4 (Raffel et al. 2020 §2.2)
+and FineWeb (Penedo et al. 2024; DataTrove's FineWebQualityFilter) rule sets as options.
 
-The paper's rules: sentences of abnormal length, excessively long runs of zeros (and of any one
-repeated character), too many duplicate lines. The Gopher rules follow DataTrove's
-`GopherQualityFilter` and `GopherRepetitionFilter` (same measures, thresholds, order of checks);
-the differences are (1) words come from one regular expression that approximates spaCy's English
-tokenizer instead of spaCy itself (>= 98% same decisions, see docs/bench_filters.md) and (2) mostly
-Chinese/Japanese text counts one character as one word, skips the mean-word-length rule and uses
-CJK stop words, because those scripts put no spaces between words.
+Words are whitespace-separated tokens, as in the Gopher paper (DataTrove's spaCy tokenization counts
+"," and "." as words, so ordinary prose fails its alpha-word rule: issue 15). Language-aware, keyed
+on fastText's `lang` column when an earlier stage added it: Chinese and Japanese count one Han/kana
+character as one word (no spaces there) and skip the mean-word-length rule; the stop-word rule uses
+the language's own function words (the paper's eight for English); a language without a list skips
+it; a row without `lang` uses every list (any language's function words count).
 
-Speed: words are found once per text and shared by all measures; n-grams are hashed as integers with
-numpy (a rolling hash over Python's string hashes), and cheap upper bounds skip the exact n-gram
-counts whenever they cannot reach a threshold, so decisions stay identical to the full computation.
+`reference_reason` states every rule plainly; `TextRules` computes the same decisions faster (word
+counts from C-level str methods and regexes, n-grams as numpy integer hashes, bounds that skip exact
+counts that cannot reach a threshold). A hypothesis test and bench/filters.py check they agree.
 """
 
 from __future__ import annotations
 
 import re
-import struct
-from itertools import chain, compress
-from operator import not_
+from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -28,111 +27,52 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
 
-# DataTrove's PUNCTUATION_SET (datatrove/utils/text.py: PUNCTUATION + TERMINAL_PUNCTUATION): a word
-# made only of these characters is a "symbol word" in the Gopher quality rules.
-_PUNCT = (
-    "\x00\x01\x02\x03\x04\x05\x06\x07\x08\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18"
-    "\x19\x1a\x1b\x1c\x1d\x1e\x1f!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\x7f\x80\x81\x82\x83\x84\x85"
-    "\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98\x99\x9a\x9b"
-    "\x9c\x9d\x9e\x9f\xab\xb4\xbb\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702\u07f9\u0837"
-    "\u0839\u083d\u083e\u0964\u0965\u104a\u104b\u1362\u1367\u1368\u166e\u1735\u1736\u17d4\u17d5"
-    "\u17d6\u17d9\u17da\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab\u1b5a\u1b5b\u1b5e\u1b5f"
-    "\u1b7d\u1b7e\u1c3b\u1c3c\u1c7e\u1c7f\u2013\u2014\u2019\u201c\u201d\u201e\u2026\u203c\u203d"
-    "\u2047\u2048\u2049\u2236\u2501\u25ba\u2e2e\u2e3c\u2e53\u2e54\u3001\u3002\u3008\u3009\u300a"
-    "\u300b\u300c\u300d\u3010\u3011\ua4ff\ua60e\ua60f\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f"
-    "\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0\uaaf1\uabeb\ufe52\ufe56\ufe57\uff01\uff05\uff08\uff09"
-    "\uff0c\uff0e\uff11\uff1a\uff1b\uff1f\uff5e\uff61\U00010a56\U00010a57\U00010f55\U00010f56"
-    "\U00010f57\U00010f58\U00010f59\U00010f86\U00010f87\U00010f88\U00010f89\U00011047\U00011048"
-    "\U000110be\U000110bf\U000110c0\U000110c1\U00011141\U00011142\U00011143\U000111c5\U000111c6"
-    "\U000111cd\U000111de\U000111df\U00011238\U00011239\U0001123b\U0001123c\U000112a9\U0001144b"
-    "\U0001144c\U000115c2\U000115c3\U000115c9\U000115ca\U000115cb\U000115cc\U000115cd\U000115ce"
-    "\U000115cf\U000115d0\U000115d1\U000115d2\U000115d3\U000115d4\U000115d5\U000115d6\U000115d7"
-    "\U00011641\U00011642\U0001173c\U0001173d\U0001173e\U00011944\U00011946\U00011a42\U00011a43"
-    "\U00011a9b\U00011a9c\U00011c41\U00011c42\U00011ef7\U00011ef8\U00011f43\U00011f44\U00016a6e"
-    "\U00016a6f\U00016af5\U00016b37\U00016b38\U00016b44\U00016e98\U0001bc9f\U0001da88"
-)
-STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])  # Gopher's (DataTrove)
-# Frequent function words of Chinese and Japanese: the stop-word rule for mostly-CJK text.
-CJK_STOP_WORDS = frozenset("的了是在和有我不这也就都一他你们个上说要会着那" "のにはをたがでてとしも")
+GOPHER_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])  # Rae et al. A.1.1
+# Frequent function words per fastText language code (ours; the paper gives only English's eight).
+STOP_WORDS: dict[str, frozenset[str]] = {
+    "en": GOPHER_STOP_WORDS,
+    "de": frozenset("der die das und ist zu den mit von nicht ein eine sich auf für im dem des".split()),
+    "fr": frozenset("de la le et les des en un une du que est pour qui dans pas au sur ne".split()),
+    "it": frozenset("di che il la un per non è del le si con una sono della lo gli nel".split()),
+    "es": frozenset("de la que el en los del se las por un para con no una es al lo".split()),
+    "pt": frozenset("de que do da em um para é com não uma os no se na por".split()),
+    "nl": frozenset("de het een en van is dat op te zijn met niet voor".split()),
+    "ca": frozenset("de la que el els les amb per una és del al".split()),
+    "sv": frozenset("och att det som en på är av för med till den inte".split()),
+    "da": frozenset("og at det som en på er af for med til den ikke".split()),
+    "pl": frozenset("w na z że się nie do to jest jak po".split()),
+    # Han characters: modern (simplified and traditional) and classical function words
+    "zh": frozenset("的了是在和有我不这也就都他你们个上说要会着那为以中及或可与对时到将被"
+                    "這們個說會著為與對時將從之而其於無也者"  # modern function words, traditional forms
+                    "一人自无此来去下乎兮矣焉哉"),  # the commonest characters of classical verse
+    "ja": frozenset("のにはをたがでてとしもないかるれ"),
+}
+CJK_LANGS = frozenset(["zh", "ja", "yue", "wuu"])  # written without spaces: one character = one word
+_ALL_STOP = frozenset().union(*STOP_WORDS.values())
+_CJK_STOP = STOP_WORDS["zh"] | STOP_WORDS["ja"]
 
-# Han ideographs and kana: scripts written without spaces (Hangul is spaced, so it is not here).
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # Han and kana (Hangul is spaced)
 _CJK_RE = re.compile(f"[{_CJK}]")
-# A regular expression standing in for spaCy's English tokenizer (what DataTrove splits words with):
-# a whitespace-separated chunk loses prefix marks at its start ("(", quotes, "_", "#", "$"...) and
-# suffix marks at its end (")", ",", quotes, "." after a lowercase letter or digit...), and splits at
-# spaCy's infixes: hyphens, "/", ":", "=", "<", ">" before a letter ("quick-brown", "a/b", "x=True"),
-# "." between lowercase and uppercase ("torch.Tensor"), "," between letters, "+-*^" between digits.
-# Anything else stays inside the word ("f(x", "stdio.h", "1,000", "12:30", "--all", "UTF-8").
-# Special cases: URLs, "e.g."-style abbreviations, "'s"/"n't"-style clitics, "cannot", a few emoticons.
-_L = r"[^\W\d_]"  # a letter
-_AN = r"[^\W_]"  # a letter or digit
-_PS = "…,:;!?¿¡()[]{}<>_#*&%。？！，、；：～·'\"”“`‘´’‚„»«「」『』（）〔〕【】《》〈〉⟦⟧"  # spaCy LIST_PUNCT+QUOTES
-_INFIX = ".,:<>=/\\-–—~+*^…'’"
-
-
-def _cls(chars) -> str:
-    """The characters as the body of a regex character class."""
-    return "".join("\\" + c if c in "\\]^-[" else c for c in sorted(set(chars)))
-
-
-_SPECIAL = (  # an infix character that does not split the word where it stands
-    r"(?<![a-z.])\.(?!\.)|(?<!\.)\.(?![A-Z.])"
-    rf"|(?<!{_L}),|,(?!{_L})"
-    rf"|(?<!{_AN})[:<>=/]|[:<>=/](?!{_L})"
-    rf"|(?<!{_AN})[\-–—~]|(?<={_L})[\-–—~](?!{_L})|(?<=\d)[–—~](?!{_L})|(?<=\d)-(?![^\W_]|-)"
-    r"|(?<!\d)[+*^]|[+*^](?![\d-])"
-    r"|['’](?!(?i:s|m|d|t|ll|re|ve)(?!\w))"
-)
-def _token_re(cjk: bool) -> re.Pattern:
-    """The tokenizer; with `cjk`, every Han/kana character is a word of its own (no spaces there)."""
-    no = _CJK if cjk else ""  # characters that never join a word
-    word = rf"[^\W_{no}]"
-    inner = rf"[^\s{no}{_cls(_INFIX + _PS + '—–$')}]++|[{_cls(set(_PS + '—–$') - set(_INFIX))}]|(?>{_SPECIAL})"
-    start = rf"(?:[^\s{no}{_cls(_PS + '§=—–$£€¥./-~+*^')}]|(?<![^\W_])(?:[./\-~*^]|\+(?=\d)))"
-    end = rf"(?:(?<![{_cls(_PS + '—–$.')}])|(?<=(?<![A-Z])[A-Z]\.))"  # no suffix mark last, but "J." stays
-    return re.compile(
-        (rf"[{_CJK}]|" if cjk else "")
-        + r"[Cc]an(?=not(?!\w))"
-        + rf"|{word}++(?=[,;:!?)\]\"”’']*(?:\s|\Z))"  # fast path: a plain word followed by suffix marks only
-        + r"|[,;!?(\]{}\"“”«»#*&%=§$£€¥_<>]|\)(?!:)|:(?![\])])"  # fast path: marks that stand alone
-        + rf"|{word}*[a-z0-9](?=\.(?:\s|\Z))"  # fast path: the last word of a sentence
-        + r"|https?://[^\s<>\"'()\[\]{}]*[^\s<>\"'()\[\]{}.,;:!?]"
-        + r"|(?:[A-Za-z]\.){2,}(?!\w)"
-        + rf"|{start}(?:{inner})*{end}"
-        + r"|\.{2,}|…+"
-        + r"|['’](?i:s|m|d|t|ll|re|ve)(?!\w)"
-        + r"|\):|\[:|:\]|:\)"
-        + r"|\S"
-    )
-
-
-_TOKEN_RE, _CJK_TOKEN_RE = _token_re(False), _token_re(True)
-_ALPHA_RE = re.compile(r"[^\W\d_]")  # a letter: Gopher's "word with at least one alphabetic character"
-# A sentence ends at terminal punctuation followed by space, at CJK terminal punctuation, or at a newline.
+_CJK_WORD_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")  # a Han/kana character, or a spaced chunk between them
+_LETTER_RE = re.compile(r"[^\W\d_]")  # "at least one alphabetic character" (A.1.1)
+_NO_LETTER_WORD_RE = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")  # a whitespace word without a letter
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n")
-_WORDLIKE_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+_WORDLIKE_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")  # runs of letters/digits; a CJK char alone
+_BULLET_RE = re.compile(r"[ \t]*[•\-*‣◦⁃●▪–](?:\s|$)")  # a bullet line: a marker then a space ("-v" is an option)
+_ELLIPSES = ("...", "…")
+_C4_END = (".", "?", "!", '"', "'")  # C4: a kept line ends in terminal punctuation
+_C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_C4_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+_C4_SENTENCE = re.compile(r"[.!?]+(?:\s|$)")
+_FINEWEB_END = (".", "'", '"', "!", "?")
+# Box-drawing characters are table layout, not text: every rule sees them as spaces.
+_LAYOUT = str.maketrans({c: " " for c in range(0x2500, 0x2580)})
+_REPL_PROMPT = re.compile(r"^[ \t]*\.\.\.(?=\s|$)", re.M)  # Python's "... " continuation prompt: no ellipsis
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier for the rolling n-gram hash
 
 
-def tokenize(text: str, cjk: bool = False) -> list[str]:
-    """Words as the Gopher rules see them: spaCy-like English words and punctuation marks; with
-    `cjk`, one word per Han/kana character."""
-    return (_CJK_TOKEN_RE if cjk else _TOKEN_RE).findall(text)
-
-
-def is_mostly_cjk(text: str, min_frac: float = 0.3) -> bool:
-    """True when Han/kana make up at least `min_frac` of the non-space characters."""
-    if not text or text.isascii():
-        return False
-    n_cjk = len(_CJK_RE.findall(text))
-    if not n_cjk:
-        return False
-    return n_cjk >= min_frac * (len(text) - text.count(" ") - text.count("\n"))
-
-
 class TextRuleParams(BaseModel):
-    """Every threshold of the text rules; None switches a rule off. Gopher defaults are DataTrove's."""
+    """Every threshold of the text rules; None switches a rule off."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -143,333 +83,127 @@ class TextRuleParams(BaseModel):
     # the paper's three rules (InternVL 2.5 §4.3); thresholds are ours, the paper gives none
     max_sentence_words: int | None = Field(300, description="a sentence longer than this many words is abnormal")
     max_zero_run: int | None = Field(20, description="a run of more than this many '0' characters fires")
-    max_char_run: int | None = Field(80, description="a run of more than this many of one non-space char fires")
-    dup_line_frac: float | None = Field(0.3, description="max fraction of lines that repeat an earlier line")
+    max_char_run: int | None = Field(
+        80, description="a run of more than this many of one non-space char fires (rule characters -=_~*#+ excepted)"
+    )
+    dup_line_frac: float | None = Field(0.3, description="max fraction of non-empty lines repeating an earlier one")
     dup_line_char_frac: float | None = Field(0.2, description="max fraction of chars in repeated lines")
     dup_para_frac: float | None = Field(0.3, description="max fraction of paragraphs that repeat")
     dup_para_char_frac: float | None = Field(0.2, description="max fraction of chars in repeated paragraphs")
-    # Gopher quality (Rae et al. 2021 §A.1.1; DataTrove GopherQualityFilter defaults)
-    gopher_min_words: int = Field(
-        50, description="texts with fewer words skip the Gopher quality and n-gram rules (they are for documents)"
+    max_symbol_char_frac: float | None = Field(
+        0.5, description="symbol soup: max share of non-space chars that are neither letters nor digits"
     )
-    min_words: int | None = Field(50, description="fewer non-symbol words than this fires")
-    max_words: int | None = Field(100_000, description="more non-symbol words than this fires")
+    symbol_min_chars: int = Field(40, description="texts with fewer non-space chars skip the symbol-soup rule")
+    # document rule sets, for texts with at least doc_min_words words
+    rule_sets: list[Literal["gopher", "c4", "fineweb"]] = Field(
+        ["gopher"], description="document rule sets: gopher (Rae et al. 2021), c4 (Raffel et al. 2020), fineweb"
+    )
+    doc_min_words: int = Field(
+        50, description="texts with fewer words skip the document rule sets (short answers are normal)"
+    )
+    # Gopher quality (Rae et al. 2021 A.1.1)
+    min_words: int | None = Field(50, description="fewer words than this fires")
+    max_words: int | None = Field(100_000, description="more words than this fires")
     min_mean_word_len: float | None = Field(3, description="mean word length below this fires (not for CJK)")
     max_mean_word_len: float | None = Field(10, description="mean word length above this fires (not for CJK)")
-    max_symbol_word_ratio: float | None = Field(0.1, description="max '#' or '...' per word")
+    max_symbol_word_ratio: float | None = Field(0.1, description="max '#' per word, and max '...' per word")
     max_bullet_lines_frac: float | None = Field(0.9, description="max fraction of lines starting with a bullet")
     max_ellipsis_lines_frac: float | None = Field(0.3, description="max fraction of lines ending in an ellipsis")
-    min_alpha_word_frac: float | None = Field(0.8, description="min fraction of words with a letter")
-    min_stop_words: int | None = Field(2, description="min distinct stop words present (CJK ones for CJK text)")
-    # Gopher repetition (Rae et al. 2021 Table A1; DataTrove GopherRepetitionFilter defaults)
+    min_alpha_word_frac: float | None = Field(
+        0.8, description="min fraction of words with a letter (Gopher: 0.8; the default config: 0.4, measured)"
+    )
+    min_stop_words: int | None = Field(2, description="min distinct stop words of the row's language")
+    # Gopher repetition (Rae et al. 2021 Table A1)
     top_ngram_char_frac: dict[int, float] = Field(
         {2: 0.20, 3: 0.18, 4: 0.16}, description="n -> max char fraction covered by the most frequent n-gram"
     )
     dup_ngram_char_frac: dict[int, float] = Field(
         {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-        description="n -> max char fraction covered by repeated n-grams",
+        description="n -> max char fraction covered by copies of an earlier n-gram (overlaps counted once)",
     )
-    cjk_min_frac: float = Field(0.3, description="a text whose chars are at least this Han/kana counts as CJK")
+    line_rules_min_lines: int = Field(3, description="texts with fewer lines skip the bullet and ellipsis line rules")
+    cjk_ngram_scale: int = Field(
+        2, description="CJK text: this many characters count as one word (word counts, n-gram lengths)"
+    )
+    cjk_min_frac: float = Field(0.3, description="without a CJK `lang`, a text this Han/kana counts as CJK")
+    # C4 (Raffel et al. 2020 §2.2, as DataTrove's C4QualityFilter; the bad-words list is not bundled)
+    c4_min_sentences: int = Field(5, description="C4: fewer sentences in the kept lines fires")
+    c4_min_line_words: int = Field(3, description="C4: lines with fewer words are not kept")
+    c4_max_word_len: int = Field(1000, description="C4: lines with a longer word are not kept")
+    # FineWeb (Penedo et al. 2024; DataTrove FineWebQualityFilter defaults)
+    fineweb_line_punct_frac: float = Field(0.12, description="FineWeb: min fraction of lines ending in punctuation")
+    fineweb_short_line_frac: float = Field(0.67, description="FineWeb: max fraction of short lines")
+    fineweb_short_line_chars: int = Field(30, description="FineWeb: a line this short or shorter is short")
+    fineweb_dup_line_char_frac: float = Field(0.01, description="FineWeb: max chars in repeated lines / chars")
+    fineweb_newline_word_frac: float = Field(0.3, description="FineWeb: max newlines per word (lists)")
 
 
-# exactly DataTrove's GopherQuality + GopherRepetition: no paper rules, no short-text exemption
-GOPHER_DEFAULTS = TextRuleParams(max_sentence_words=None, max_zero_run=None, max_char_run=None, gopher_min_words=0)
+GOPHER_DEFAULTS = TextRuleParams(max_sentence_words=None, max_zero_run=None, max_char_run=None,
+                                 max_symbol_char_frac=None, doc_min_words=0)  # the paper's rules only
+PAPER_RULES = ("long_zero_run", "long_char_run", "long_sentence", "symbol_soup", "dup_para_frac",
+               "dup_para_char_frac", "dup_line_frac", "dup_line_char_frac")
 
 
-# ---------------------------------------------------------------- measures shared by the rules
-_PUNCT_SET = frozenset(_PUNCT)
-# Per-process caches. A word's code packs a never-reused id with its classes:
-# 16 * id + 8 * (CJK stop word) + 4 * (stop word) + 2 * (not a symbol word) + (has a letter);
-# n-grams are hashed from the ids. A whitespace-separated chunk's words depend on that chunk alone,
-# so each distinct chunk is tokenized once and kept as packed int64 (code, length) pairs.
-_WORD_PAIRS: dict[str, bytes] = {}  # word -> its packed (code, length)
-_CHUNKS: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})  # chunk -> its words' pairs, joined
-_CACHE_LIMIT = 1_000_000  # ~250 MB at most; a 50k-document corpus has ~0.9M distinct chunks
-_PAIR = struct.Struct("=qq")  # native int64 (code, length), as np.frombuffer reads it back
-_next_id = [1]
+# ---------------------------------------------------------------- language and words
+def _char_run_pattern(k: int) -> str:
+    return rf"([^\s\-=_~*#+])\1{{{k},}}"  # horizontal rules ("-----", "=====") are layout
 
 
-def _add_words(words: set[str]) -> None:
-    """Give new words their codes."""
-    first = _next_id[0]
-    _next_id[0] += len(words)
-    pack, symbols, letter = _PAIR.pack, _PUNCT_SET.issuperset, _ALPHA_RE.search
-    _WORD_PAIRS.update({
-        w: pack(16 * i + 8 * (w in CJK_STOP_WORDS) + 4 * (w in STOP_WORDS) + 2 * (not symbols(w))
-                + (w.isalpha() or letter(w) is not None), len(w))
-        for i, w in enumerate(words, first)
-    })
+def ellipsis_count(text: str) -> int:
+    """'...' and '…' in the text, but not Python's '... ' continuation prompt at a line start."""
+    n = text.count("...")
+    if n:
+        n -= len(_REPL_PROMPT.findall(text))
+    return n + text.count("…")
 
 
-def encode(text: str, cjk: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per word of `tokenize(text, cjk)`: its code (see _WORD_PAIRS) and its length."""
-    cache = _CHUNKS[cjk]
-    if len(cache) > _CACHE_LIMIT or len(_WORD_PAIRS) > _CACHE_LIMIT:  # bounded; never mid-text
-        _WORD_PAIRS.clear()
-        _CHUNKS[0].clear()
-        _CHUNKS[1].clear()
-    chunks = text.split()
-    entries = list(map(cache.get, chunks))  # one pass over a large dict: most of the time
-    if None in entries:  # tokenize this text's new chunks, all at once
-        missing = list(compress(range(len(entries)), map(not_, entries)))  # a cached entry is never b""
-        new = list(dict.fromkeys([chunks[i] for i in missing]))
-        per_chunk = list(map((_CJK_TOKEN_RE if cjk else _TOKEN_RE).findall, new))
-        _add_words(set(chain.from_iterable(per_chunk)).difference(_WORD_PAIRS))
-        pair = _WORD_PAIRS.__getitem__
-        cache.update(zip(new, [b"".join(map(pair, words)) for words in per_chunk]))
-        for i in missing:
-            entries[i] = cache[chunks[i]]
-    arr = np.frombuffer(b"".join(entries), np.int64).reshape(-1, 2)
-    return arr[:, 0], arr[:, 1]
+def is_mostly_cjk(text: str, min_frac: float = 0.3) -> bool:
+    """True when Han/kana make up at least `min_frac` of the non-space characters."""
+    if not text or text.isascii():
+        return False
+    n_cjk = len(_CJK_RE.findall(text))
+    return n_cjk > 0 and n_cjk >= min_frac * (len(text) - text.count(" ") - text.count("\n"))
 
 
-def _quality_stats(codes: np.ndarray, lens: np.ndarray) -> tuple[int, float, float]:
-    """(non-symbol word count, their mean length, fraction of all words holding a letter)."""
-    n = len(codes)
-    if not n:
-        return 0, 0.0, 0.0
-    nonsym = (codes & 2) != 0
-    n_nonsym = int(np.count_nonzero(nonsym))
-    mean_len = int(lens[nonsym].sum()) / n_nonsym if n_nonsym else 0.0  # == .mean(): exact sum, one rounding
-    return n_nonsym, mean_len, int(np.count_nonzero(codes & 1)) / n
+def language_of(text: str, lang: str | None, p: TextRuleParams) -> tuple[bool, frozenset[str] | None]:
+    """(count characters as words, the stop words to look for; None = skip the stop-word rule).
+
+    CJK text (by `lang` or by script) uses the Chinese and Japanese lists; a language with a list uses
+    it plus English's (docs and code mix in English; a mis-identified English text still passes);
+    no `lang` uses every list; a language without a list skips the rule."""
+    if (lang in CJK_LANGS) or is_mostly_cjk(text, p.cjk_min_frac):
+        return True, _CJK_STOP
+    if not lang:
+        return False, _ALL_STOP
+    return False, (STOP_WORDS[lang] | GOPHER_STOP_WORDS) if lang in STOP_WORDS else None
 
 
-def _dup_count_chars(parts: list[str]) -> tuple[int, int]:
-    """DataTrove's find_duplicates: how many parts repeat an earlier one, and their total length."""
-    uniq = set(parts)
-    return len(parts) - len(uniq), sum(map(len, parts)) - sum(map(len, uniq))
+def words_of(text: str, cjk: bool) -> list[str]:
+    """Whitespace-separated words; with `cjk`, every Han/kana character is a word of its own."""
+    return _CJK_WORD_RE.findall(text) if cjk else text.split()
 
 
-class _NgramHashes:
-    """Rolling 64-bit hashes of word n-grams (wrapping modulo 2**64 on purpose), each n built from
-    the n-1 one: g_n[i] = (g_{n-1}[i] + id[i+n-1]) * MIX."""
-
-    def __init__(self, ids: np.ndarray):
-        self.ids = ids
-        self.done = {1: ids * _MIX}
-
-    def __call__(self, n: int) -> np.ndarray:
-        if n not in self.done:
-            m = len(self.ids) - n + 1  # (numpy integer arrays wrap silently)
-            self.done[n] = (self(n - 1)[:m] + self.ids[n - 1 : n - 1 + m]) * _MIX
-        return self.done[n]
+def word_count(words: list[str], cjk: bool, p: TextRuleParams) -> int:
+    """Words for the word-count rules: CJK text counts `cjk_ngram_scale` characters as one word."""
+    return len(words) // p.cjk_ngram_scale if cjk else len(words)
 
 
-def _top_ngram(hn: np.ndarray, glen: np.ndarray) -> tuple[int, int]:
-    """DataTrove's find_top_duplicate: chars of the most common n-gram times its count (the first
-    seen wins ties, as with Counter.most_common); also returns the count."""
-    order = np.argsort(hn, kind="stable")  # equal hashes stay in text order: a group starts at its first
-    s = hn[order]
-    new_group = np.empty(len(s), bool)
-    new_group[0] = True
-    np.not_equal(s[1:], s[:-1], out=new_group[1:])
-    starts = new_group.nonzero()[0]
-    counts = np.empty_like(starts)
-    np.subtract(starts[1:], starts[:-1], out=counts[:-1])
-    counts[-1] = len(s) - starts[-1]
-    cmax = int(counts.max())
-    first = int(order[starts[counts == cmax]].min())
-    return int(glen[first]) * cmax, cmax
+def has_letter(word: str) -> bool:
+    return _LETTER_RE.search(word) is not None
 
 
-def _repeats(hn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(positions whose value repeats an earlier one, positions whose value occurs more than once)."""
-    order = np.argsort(hn, kind="stable")
-    same = hn[order[1:]] == hn[order[:-1]]
-    later = order[1:][same]
-    multi = np.zeros(len(hn), bool)
-    multi[later] = True
-    multi[order[:-1][same]] = True
-    return later, np.flatnonzero(multi)
-
-
-def _dup_ngram_chars(hn: np.ndarray, glen: np.ndarray, n: int, cand: np.ndarray) -> int:
-    """DataTrove's find_all_duplicate, exactly: scan n-grams; a repeat of one seen before adds its
-    chars and jumps n ahead (what is jumped over is never added to the seen set). Only positions
-    whose n-gram occurs more than once (`cand`) can matter, so only those are visited."""
-    seen: set[int] = set()
-    repeated = next_free = 0
-    for i, g, ln in zip(cand.tolist(), hn[cand].tolist(), glen[cand].tolist()):
-        if i < next_free:
-            continue
-        if g in seen:
-            repeated += ln
-            next_free = i + n
-        else:
-            seen.add(g)
-    return repeated
-
-
-def _ngram_reason(codes: np.ndarray, lens: np.ndarray, text_len: int, p: TextRuleParams, sep: int) -> str:
-    """Gopher's top n-gram and duplicated n-gram rules over word ids; "" when none fires.
-
-    Exact, but cheap upper bounds skip the work that cannot change the outcome: an n-gram is never
-    more frequent than its (n-1)-gram prefix, and only positions whose 5-gram repeats an earlier
-    one can start a repeated longer n-gram."""
-    n_words = len(codes)
-    if n_words < 2 or not (p.top_ngram_char_frac or p.dup_ngram_char_frac):
-        return ""
-    hashes = _NgramHashes((codes >> 4).astype(np.uint64))
-    cum = np.zeros(n_words + 1, np.int64)
-    np.cumsum(lens, out=cum[1:])
-    cmax = None
-    for n, frac in sorted(p.top_ngram_char_frac.items()):
-        if n_words < n:
-            continue
-        glen = cum[n:] - cum[:-n] + sep * (n - 1)  # DataTrove joins these n-grams with " "
-        max_chars = int(glen.max())
-        if cmax is not None and cmax * max_chars / text_len <= frac:
-            continue
-        top_chars, cmax = _top_ngram(hashes(n), glen)
-        if top_chars / text_len > frac:
-            return f"top_{n}_gram"
-    if not p.dup_ngram_char_frac:
-        return ""
-    n0 = min(p.dup_ngram_char_frac)
-    if n_words < n0:
-        return ""
-    repeat_pos = _repeats(hashes(n0))[0]  # positions whose n0-gram repeats an earlier one
-    if not len(repeat_pos):
-        return ""
-    # One bound for every n at once: each candidate covering its longest n-gram (or the rest of the text).
-    longest = cum[np.minimum(repeat_pos + max(p.dup_ngram_char_frac), n_words)] - cum[repeat_pos]
-    if int(longest.sum()) / text_len <= min(p.dup_ngram_char_frac.values()):
-        return ""
-    for n, frac in sorted(p.dup_ngram_char_frac.items()):
-        if n_words < n:
-            continue
-        glen = cum[n:] - cum[:-n]  # DataTrove joins these n-grams with "" (no separator)
-        if int(glen[repeat_pos[repeat_pos <= n_words - n]].sum()) / text_len <= frac:
-            continue  # even if every candidate repeated, the rule would not fire
-        hn = hashes(n)
-        later, multi = _repeats(hn)
-        if int(glen[later].sum()) / text_len <= frac:  # the same bound with this n's own repeats
-            continue
-        if _dup_ngram_chars(hn, glen, n, multi) / text_len > frac:
-            return f"dup_{n}_gram"
-    return ""
-
-
-def _paragraphs(text: str) -> list[str]:
-    """DataTrove's paragraphs, re.split(r"\n{2,}", text.strip()), with str.split (3x faster): a run of
-    3+ newlines leaves a piece starting with "\n" or an empty one, which a real paragraph never is."""
-    s = text.strip()
-    parts = s.split("\n\n")
-    if "\n\n\n" in s:
-        parts = list(filter(None, [q.lstrip("\n") for q in parts]))
-    return parts
+def _stop_key(word: str) -> str:
+    return word.strip("\"'“”‘’«»()[]{}.,;:!?¿¡").lower()
 
 
 def _lines(text: str) -> list[str]:
-    """DataTrove's lines, re.split(r"\n+", text), with str.split: no empty line but at either end."""
-    if not text:
-        return [""]
-    lines = list(filter(None, text.split("\n")))
-    if text.startswith("\n"):
-        lines.insert(0, "")
-    if text.endswith("\n"):
-        lines.append("")
-    return lines
+    """Non-empty lines (a blank line is no line of content)."""
+    return [ln for ln in text.split("\n") if ln.strip()]
 
 
-def _line_reason(text: str, p: TextRuleParams, need_stats: bool = True) -> tuple[str, float, float]:
-    """Duplicate paragraph and line rules; returns (reason, dup line fraction, dup line char fraction)
-    (the fractions are 0 when a paragraph rule fires and `need_stats` is False)."""
-    paras = _paragraphs(text)
-    n_dup, c_dup = _dup_count_chars(paras)
-    reason = ""
-    if p.dup_para_frac is not None and n_dup / len(paras) > p.dup_para_frac:
-        reason = "dup_para_frac"
-    elif p.dup_para_char_frac is not None and c_dup / len(text) > p.dup_para_char_frac:
-        reason = "dup_para_char_frac"
-    if reason and not need_stats:
-        return reason, 0.0, 0.0
-    lines = _lines(text)
-    n_dup, c_dup = _dup_count_chars(lines)
-    line_frac, line_char_frac = n_dup / len(lines), c_dup / len(text)
-    if not reason:
-        if p.dup_line_frac is not None and line_frac > p.dup_line_frac:
-            reason = "dup_line_frac"
-        elif p.dup_line_char_frac is not None and line_char_frac > p.dup_line_char_frac:
-            reason = "dup_line_char_frac"
-    return reason, line_frac, line_char_frac
-
-
-def _quality_reason(text: str, codes: np.ndarray, stats: tuple[int, float, float], cjk: bool, p) -> str:
-    """Gopher quality rules in DataTrove's order; "" when none fires."""
-    n_nonsym, mean_len, alpha_frac = stats
-    n_words = len(codes)
-    if p.min_words is not None and n_nonsym < p.min_words:
-        return "few_words"
-    if p.max_words is not None and n_nonsym > p.max_words:
-        return "many_words"
-    if not n_words:
-        return ""
-    if not cjk:
-        if p.min_mean_word_len is not None and mean_len < p.min_mean_word_len:
-            return "short_mean_word"
-        if p.max_mean_word_len is not None and mean_len > p.max_mean_word_len:
-            return "long_mean_word"
-    n_ellipses = text.count("...") + text.count("…")
-    if p.max_symbol_word_ratio is not None:
-        if text.count("#") / n_words > p.max_symbol_word_ratio:
-            return "many_hashes"
-        if n_ellipses / n_words > p.max_symbol_word_ratio:
-            return "many_ellipses"
-    # The line rules split lines only when they could fire: a text has at least count("\n") lines (at
-    # least one), at most count("-") + count("•") of them start with a bullet and at most n_ellipses end
-    # with an ellipsis.
-    min_lines = max(1, text.count("\n"))
-    lines = None
-    frac = p.max_bullet_lines_frac
-    if frac is not None and (text.count("-") + text.count("•")) / min_lines > frac:
-        lines = text.splitlines()
-        bullets = sum(1 for s in map(str.lstrip, lines) if s.startswith(("•", "-")))
-        if bullets / len(lines) > frac:
-            return "bullet_lines"
-    frac = p.max_ellipsis_lines_frac
-    if frac is not None and n_ellipses / min_lines > frac:
-        lines = lines or text.splitlines()
-        ends = sum(1 for s in map(str.rstrip, lines) if s.endswith(("...", "…")))
-        if ends / len(lines) > frac:
-            return "ellipsis_lines"
-    if p.min_alpha_word_frac is not None and alpha_frac < p.min_alpha_word_frac:
-        return "few_alpha_words"
-    if p.min_stop_words is not None:
-        stop_ids = codes[(codes & (8 if cjk else 4)) != 0]
-        if (len(set(stop_ids.tolist())) if len(stop_ids) else 0) < p.min_stop_words:
-            return "few_stop_words"
-    return ""
-
-
-def gopher_decide(text: str, params: TextRuleParams = GOPHER_DEFAULTS) -> tuple[bool, str]:
-    """(keep, reason) of the Gopher quality + repetition pair on one text ("" reason when kept).
-
-    Same decisions as DataTrove's GopherRepetitionFilter followed by GopherQualityFilter, stopping at
-    the first rule that fires (cheapest first: lines, then word counts, then n-grams)."""
-    if not text:
-        return False, "empty"
-    reason = _line_reason(text, params, need_stats=False)[0]
-    if reason:
-        return False, reason
-    cjk = is_mostly_cjk(text, params.cjk_min_frac)
-    codes, lens = encode(text, cjk)
-    stats = _quality_stats(codes, lens)
-    if stats[0] < params.gopher_min_words:
-        return True, ""
-    reason = _quality_reason(text, codes, stats, cjk, params) or _ngram_reason(
-        codes, lens, len(text), params, 0 if cjk else 1
-    )
-    return not reason, reason
-
-
-# ---------------------------------------------------------------- the paper's character rules
-def _run_reason(text: str, p: TextRuleParams, zero_re, char_re) -> str:
-    if zero_re is not None and zero_re.search(text):
-        return "long_zero_run"
-    if char_re is not None and char_re.search(text):
-        return "long_char_run"
-    return ""
+def _paragraphs(text: str) -> list[str]:
+    """Paragraphs: text between blank lines."""
+    return [q for q in re.split(r"\n\s*\n", text) if q.strip()]
 
 
 def max_sentence_words(text: str, at_least: int = 0) -> int:
@@ -482,31 +216,349 @@ def max_sentence_words(text: str, at_least: int = 0) -> int:
     return longest
 
 
-def analyze(text: str, p: TextRuleParams, zero_re=None, char_re=None) -> tuple[str, dict[str, float]]:
-    """The first rule that fires on `text` ("" if none) and the score columns for it."""
+# ---------------------------------------------------------------- the plain definitions
+def _covered_chars(words: list[str], starts: list[int], n: int) -> int:
+    covered = set()
+    for s in starts:
+        covered.update(range(s, s + n))
+    return sum(len(words[i]) for i in covered)
+
+
+def reference_reason(text: str, lang: str | None = None, p: TextRuleParams = GOPHER_DEFAULTS) -> str:
+    """The first rule that fires on `text`, every rule written as its definition ("" if none fires)."""
+    text = text.translate(_LAYOUT)
+    if not text.strip():
+        return ""
+    if p.max_zero_run is not None and "0" * (p.max_zero_run + 1) in text:
+        return "long_zero_run"
+    if p.max_char_run is not None and re.search(_char_run_pattern(p.max_char_run), text):
+        return "long_char_run"
+    if p.max_sentence_words is not None and max_sentence_words(text) > p.max_sentence_words:
+        return "long_sentence"
+    chars = [c for c in text if not c.isspace()]
+    symbols = [c for c in chars if not (c.isalnum() or c == "_")]
+    if p.max_symbol_char_frac is not None and len(chars) >= p.symbol_min_chars \
+            and len(symbols) / len(chars) > p.max_symbol_char_frac:
+        return "symbol_soup"
+    for unit, parts in (("para", _paragraphs(text)), ("line", _lines(text))):
+        seen, n_dup, c_dup = set(), 0, 0
+        for part in parts:
+            if part in seen:
+                n_dup, c_dup = n_dup + 1, c_dup + len(part)
+            seen.add(part)
+        frac, char_frac = getattr(p, f"dup_{unit}_frac"), getattr(p, f"dup_{unit}_char_frac")
+        if frac is not None and parts and n_dup / len(parts) > frac:
+            return f"dup_{unit}_frac"
+        if char_frac is not None and c_dup / len(text) > char_frac:
+            return f"dup_{unit}_char_frac"
+    cjk, stops = language_of(text, lang, p)
+    words = words_of(text, cjk)
+    if word_count(words, cjk, p) < p.doc_min_words:
+        return ""
+    for rule_set in p.rule_sets:
+        reason = {"gopher": _reference_gopher, "c4": c4_reason, "fineweb": fineweb_reason}[rule_set](
+            text, words, cjk, stops, p)
+        if reason:
+            return reason
+    return ""
+
+
+def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRuleParams) -> str:
+    n = len(words)
+    if p.min_words is not None and word_count(words, cjk, p) < p.min_words:
+        return "few_words"
+    if p.max_words is not None and word_count(words, cjk, p) > p.max_words:
+        return "many_words"
+    if not n:
+        return ""
+    if not cjk:
+        mean = sum(len(w) for w in words) / n
+        if p.min_mean_word_len is not None and mean < p.min_mean_word_len:
+            return "short_mean_word"
+        if p.max_mean_word_len is not None and mean > p.max_mean_word_len:
+            return "long_mean_word"
+    if p.max_symbol_word_ratio is not None:
+        if text.count("#") / n > p.max_symbol_word_ratio:
+            return "many_hashes"
+        if ellipsis_count(text) / n > p.max_symbol_word_ratio:
+            return "many_ellipses"
+    lines = _lines(text)
+    short = len(lines) < p.line_rules_min_lines
+    if p.max_bullet_lines_frac is not None and not short and \
+            sum(bool(_BULLET_RE.match(ln)) for ln in lines) / len(lines) > p.max_bullet_lines_frac:
+        return "bullet_lines"
+    if p.max_ellipsis_lines_frac is not None and not short and \
+            sum(ln.rstrip().endswith(_ELLIPSES) for ln in lines) / len(lines) > p.max_ellipsis_lines_frac:
+        return "ellipsis_lines"
+    if p.min_alpha_word_frac is not None and sum(map(has_letter, words)) / n < p.min_alpha_word_frac:
+        return "few_alpha_words"
+    if p.min_stop_words is not None and stops is not None and \
+            len({_stop_key(w) for w in words} & stops) < p.min_stop_words:
+        return "few_stop_words"
+    total = sum(len(w) for w in words)
+    scale = p.cjk_ngram_scale if cjk else 1
+    for k, frac in sorted(p.top_ngram_char_frac.items()):
+        k *= scale
+        grams = [tuple(words[i : i + k]) for i in range(n - k + 1)]
+        if grams:
+            top = Counter(grams).most_common(1)[0][0]  # ties: the first to appear
+            if _covered_chars(words, [i for i, g in enumerate(grams) if g == top], k) / total > frac:
+                return f"top_{k // scale}_gram"
+    for k, frac in sorted(p.dup_ngram_char_frac.items()):
+        k *= scale
+        grams = [tuple(words[i : i + k]) for i in range(n - k + 1)]
+        seen: set = set()
+        copies = [i for i, g in enumerate(grams) if g in seen or seen.add(g)]  # occurrences after the first
+        if _covered_chars(words, copies, k) / total > frac:
+            return f"dup_{k // scale}_gram"
+    return ""
+
+
+def c4_reason(text: str, words, cjk, stops, p: TextRuleParams) -> str:
+    """C4's page rules on the lines C4 would keep (ivl flags the page, never rewrites it)."""
+    if "lorem ipsum" in text.lower():
+        return "c4_lorem_ipsum"
+    n_sentences = 0
+    for line in text.splitlines():
+        line = line.strip()
+        line_words = line.split()
+        if any(len(w) > p.c4_max_word_len for w in line_words):
+            continue
+        line = _C4_CITATION.sub("", line)
+        if not line.endswith(_C4_END) or line.endswith("...") or len(line_words) < p.c4_min_line_words:
+            continue
+        low = line.lower()
+        if "javascript" in low or any(s in low for s in _C4_POLICY):
+            continue
+        if "{" in line:
+            return "c4_curly_bracket"
+        n_sentences += max(1, len(_C4_SENTENCE.findall(line)))
+    return "c4_few_sentences" if n_sentences < p.c4_min_sentences else ""
+
+
+def fineweb_reason(text: str, words, cjk, stops, p: TextRuleParams) -> str:
+    """FineWeb's three line rules and its list rule (Penedo et al. 2024 §3.3)."""
+    lines = _lines(text)
+    if not lines:
+        return ""
+    if sum(ln.endswith(_FINEWEB_END) for ln in lines) / len(lines) < p.fineweb_line_punct_frac:
+        return "fineweb_line_punct"
+    if sum(len(ln) <= p.fineweb_short_line_chars for ln in lines) / len(lines) > p.fineweb_short_line_frac:
+        return "fineweb_short_lines"
+    dup_chars = sum(map(len, lines)) - sum(map(len, set(lines)))
+    if dup_chars / max(1, len(text.replace("\n", ""))) > p.fineweb_dup_line_char_frac:
+        return "fineweb_dup_line_chars"
+    if text.count("\n") / len(words) > p.fineweb_newline_word_frac:
+        return "fineweb_list"
+    return ""
+
+
+# ---------------------------------------------------------------- the fast path (same decisions)
+def _dup_count_chars(parts: list[str]) -> tuple[int, int]:
+    """How many parts repeat an earlier one, and their total length."""
+    uniq = set(parts)
+    return len(parts) - len(uniq), sum(map(len, parts)) - sum(map(len, uniq))
+
+
+def _line_reason(text: str, p: TextRuleParams) -> tuple[str, float, float]:
+    """Duplicate paragraph and line rules: (reason, dup line fraction, dup line char fraction)."""
+    reason = ""
+    if "\n" in text.strip():  # else one line and one paragraph: nothing repeats
+        paras = _paragraphs(text)
+        n_dup, c_dup = _dup_count_chars(paras)
+        if p.dup_para_frac is not None and paras and n_dup / len(paras) > p.dup_para_frac:
+            reason = "dup_para_frac"
+        elif p.dup_para_char_frac is not None and c_dup / len(text) > p.dup_para_char_frac:
+            reason = "dup_para_char_frac"
+        lines = _lines(text)
+        n_dup, c_dup = _dup_count_chars(lines)
+        line_frac, line_char_frac = (n_dup / len(lines) if lines else 0.0), c_dup / len(text)
+    else:
+        line_frac = line_char_frac = 0.0
+    if not reason:
+        if p.dup_line_frac is not None and line_frac > p.dup_line_frac:
+            reason = "dup_line_frac"
+        elif p.dup_line_char_frac is not None and line_char_frac > p.dup_line_char_frac:
+            reason = "dup_line_char_frac"
+    return reason, line_frac, line_char_frac
+
+
+def _symbol_frac(text: str, n_chars: int) -> float:
+    """Share of non-space chars that are neither letters nor digits (nor '_')."""
+    return len(_SYMBOL_RE.findall(text)) / n_chars
+
+
+_SYMBOL_RE = re.compile(r"[^\w\s]")  # \w is str.isalnum() or "_" (Python re docs)
+
+
+class _NgramHashes:
+    """Rolling 64-bit hashes of word n-grams (wrapping modulo 2**64 on purpose), each n built from
+    the n-1 one: g_n[i] = (g_{n-1}[i] + id[i+n-1]) * MIX."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+        self.done = {1: ids * _MIX}
+
+    def __call__(self, n: int) -> np.ndarray:
+        if n not in self.done:
+            m = len(self.ids) - n + 1
+            self.done[n] = (self(n - 1)[:m] + self.ids[n - 1 : n - 1 + m]) * _MIX
+        return self.done[n]
+
+
+def _coverage(starts: np.ndarray, n: int, cum: np.ndarray) -> int:
+    """Chars of the words covered by n-grams starting at sorted `starts`, overlaps counted once."""
+    ends = np.minimum(starts + n, len(cum) - 1)
+    # an n-gram's covered span starts at its start or where the previous span ended, whichever is later
+    prev_end = np.empty_like(ends)
+    prev_end[0] = 0
+    np.maximum.accumulate(ends[:-1], out=prev_end[1:])
+    begin = np.maximum(starts, prev_end)
+    return int((cum[ends] - cum[np.minimum(begin, ends)]).sum())
+
+
+def _ngram_reason(words: list[str], lens: np.ndarray, p: TextRuleParams, scale: int = 1) -> str:
+    """Gopher's top and duplicated n-gram rules ("" when none fires), exact; bounds skip hopeless work:
+    an n-gram is never more frequent than its (n-1)-gram prefix, and the chars covered by copies of
+    n-grams never grow with n (a copied n-gram's (n-1)-gram prefix and suffix are copies too)."""
+    n_words = len(words)
+    cum = np.zeros(n_words + 1, np.int64)
+    np.cumsum(lens, out=cum[1:])
+    total = int(cum[-1])
+    if n_words < 2 or not total:
+        return ""
+    ids = np.fromiter(map(hash, words), np.int64, n_words).view(np.uint64)
+    hashes = _NgramHashes(ids)
+    cmax = None
+    for rule_n, frac in sorted(p.top_ngram_char_frac.items()):
+        n = rule_n * scale
+        if n_words < n:
+            continue
+        glen = cum[n:] - cum[:-n]
+        if cmax is not None and cmax * int(glen.max()) / total <= frac:
+            continue  # even cmax occurrences of the longest n-gram would cover too little
+        _, first, inverse, counts = np.unique(hashes(n), return_index=True, return_inverse=True,
+                                              return_counts=True)
+        cmax = int(counts.max())
+        top = int(np.argmin(np.where(counts == cmax, first, n_words)))  # ties: the first to appear
+        if _coverage(np.flatnonzero(inverse == top), n, cum) / total > frac:
+            return f"top_{rule_n}_gram"
+    bound = None
+    for rule_n, frac in sorted(p.dup_ngram_char_frac.items()):
+        n = rule_n * scale
+        if n_words < n or (bound is not None and bound / total <= frac):
+            continue
+        _, first, inverse = np.unique(hashes(n), return_index=True, return_inverse=True)
+        starts = np.flatnonzero(first[inverse] != np.arange(len(inverse)))  # copies of an earlier n-gram
+        covered = _coverage(starts, n, cum) if len(starts) else 0
+        if covered / total > frac:
+            return f"dup_{rule_n}_gram"
+        bound = covered  # the next n covers no more
+        if not covered:
+            break
+    return ""
+
+
+def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRuleParams, stats: dict) -> str:
+    """Gopher quality then repetition, in reference order; fills `stats` with the score columns."""
+    n, n_count = len(words), word_count(words, cjk, p)
+    if p.min_words is not None and n_count < p.min_words:
+        return "few_words"
+    if p.max_words is not None and n_count > p.max_words:
+        return "many_words"
+    if not n:
+        return ""
+    lens = np.fromiter(map(len, words), np.int64, n)
+    stats["mean_word_len"] = mean = int(lens.sum()) / n
+    if not cjk:
+        if p.min_mean_word_len is not None and mean < p.min_mean_word_len:
+            return "short_mean_word"
+        if p.max_mean_word_len is not None and mean > p.max_mean_word_len:
+            return "long_mean_word"
+    if p.max_symbol_word_ratio is not None:
+        if text.count("#") / n > p.max_symbol_word_ratio:
+            return "many_hashes"
+        if ellipsis_count(text) / n > p.max_symbol_word_ratio:
+            return "many_ellipses"
+    lines = _lines(text) if text.count("\n") + 1 >= p.line_rules_min_lines else []
+    if len(lines) < p.line_rules_min_lines:
+        pass
+    elif p.max_bullet_lines_frac is not None and \
+            sum(1 for ln in lines if _BULLET_RE.match(ln)) / len(lines) > p.max_bullet_lines_frac:
+        return "bullet_lines"
+    elif p.max_ellipsis_lines_frac is not None and ("..." in text or "…" in text):
+        if sum(1 for ln in lines if ln.rstrip().endswith(_ELLIPSES)) / len(lines) > p.max_ellipsis_lines_frac:
+            return "ellipsis_lines"
+    if cjk:
+        no_letter = sum(1 for w in words if not has_letter(w))
+    else:
+        no_letter = len(_NO_LETTER_WORD_RE.findall(text))
+    stats["alpha_word_frac"] = alpha = (n - no_letter) / n
+    if p.min_alpha_word_frac is not None and alpha < p.min_alpha_word_frac:
+        return "few_alpha_words"
+    if p.min_stop_words is not None and stops is not None:
+        found = stops.intersection(words)  # most texts: enough exact hits without stripping punctuation
+        if len(found) < p.min_stop_words:
+            found = stops.intersection(map(_stop_key, set(words)))
+        if len(found) < p.min_stop_words:
+            return "few_stop_words"
+    return _ngram_reason(words, lens, p, p.cjk_ngram_scale if cjk else 1)
+
+
+def analyze(text: str, p: TextRuleParams, lang: str | None = None, zero_re=None, char_re=None
+            ) -> tuple[str, dict[str, float]]:
+    """The first rule that fires on `text` ("" if none) and the score columns; equals reference_reason."""
     scores = {"word_count": 0.0, "mean_word_len": 0.0, "alpha_word_frac": 0.0, "dup_line_frac": 0.0,
-              "dup_line_char_frac": 0.0}
-    if not text:
+              "dup_line_char_frac": 0.0, "symbol_char_frac": 0.0}
+    if not text.isascii():
+        text = text.translate(_LAYOUT)
+    if not text or text.isspace():
         return "", scores
-    reason = _run_reason(text, p, zero_re, char_re)
-    if not reason and p.max_sentence_words is not None:
-        if max_sentence_words(text, p.max_sentence_words) > p.max_sentence_words:
-            reason = "long_sentence"
+    if zero_re is None and p.max_zero_run is not None:
+        zero_re = re.compile(f"0{{{p.max_zero_run + 1},}}")
+    if char_re is None and p.max_char_run is not None:
+        char_re = re.compile(_char_run_pattern(p.max_char_run))
+    reason = ""
+    if zero_re is not None and zero_re.search(text):
+        reason = "long_zero_run"
+    elif char_re is not None and char_re.search(text):
+        reason = "long_char_run"
+    elif p.max_sentence_words is not None and max_sentence_words(text, p.max_sentence_words) > p.max_sentence_words:
+        reason = "long_sentence"
+    cjk, stops = language_of(text, lang, p)
+    words = words_of(text, cjk)
+    n_chars = sum(map(len, words)) if cjk else len("".join(words))
+    scores["word_count"] = len(words)
+    if n_chars:
+        scores["symbol_char_frac"] = sym = _symbol_frac(text, n_chars)
+        if not reason and p.max_symbol_char_frac is not None and n_chars >= p.symbol_min_chars \
+                and sym > p.max_symbol_char_frac:
+            reason = "symbol_soup"
     line_reason, scores["dup_line_frac"], scores["dup_line_char_frac"] = _line_reason(text, p)
     reason = reason or line_reason
-    cjk = is_mostly_cjk(text, p.cjk_min_frac)
-    codes, lens = encode(text, cjk)
-    stats = _quality_stats(codes, lens)
-    scores["word_count"], scores["mean_word_len"], scores["alpha_word_frac"] = stats
-    if reason or stats[0] < p.gopher_min_words:
+    if reason or word_count(words, cjk, p) < p.doc_min_words:
         return reason, scores
-    reason = _quality_reason(text, codes, stats, cjk, p) or _ngram_reason(codes, lens, len(text), p, 0 if cjk else 1)
+    for rule_set in p.rule_sets:
+        if rule_set == "gopher":
+            reason = _gopher_reason(text, words, cjk, stops, p, scores)
+        else:
+            reason = (c4_reason if rule_set == "c4" else fineweb_reason)(text, words, cjk, stops, p)
+        if reason:
+            break
     return reason, scores
+
+
+def gopher_decide(text: str, params: TextRuleParams = GOPHER_DEFAULTS, lang: str | None = None) -> tuple[bool, str]:
+    """(keep, reason) of the Gopher quality + repetition rules alone (the paper's definitions)."""
+    if not text.strip():
+        return False, "empty"
+    reason = analyze(text, params, lang)[0]
+    return not reason, reason
 
 
 @register
 class TextRules(Operator):
-    """The paper's heuristic rules plus Gopher quality/repetition on the chosen turns of each sample."""
+    """The paper's heuristic rules, symbol soup and the document rule sets on the chosen turns."""
 
     name = "text_rules"
     Params = TextRuleParams
@@ -515,16 +567,25 @@ class TextRules(Operator):
         self.params = self.Params(**params)
         p = self.params
         self._zero_re = re.compile(f"0{{{p.max_zero_run + 1},}}") if p.max_zero_run is not None else None
-        self._char_re = re.compile(rf"(\S)\1{{{p.max_char_run},}}") if p.max_char_run is not None else None
+        self._char_re = re.compile(_char_run_pattern(p.max_char_run)) if p.max_char_run is not None else None
+
+    def thresholds(self) -> dict[str, list[float]]:
+        p = self.params
+        cut = {"score_mean_word_len": [p.min_mean_word_len, p.max_mean_word_len],
+               "score_alpha_word_frac": [p.min_alpha_word_frac], "score_dup_line_frac": [p.dup_line_frac],
+               "score_dup_line_char_frac": [p.dup_line_char_frac], "score_symbol_char_frac": [p.max_symbol_char_frac]}
+        return {k: [x for x in v if x is not None] for k, v in cut.items()}
 
     def __call__(self, table: pa.Table) -> Verdict:
         texts = conversation_texts(table, self.params.turns)
+        langs = table.column("lang").to_pylist() if "lang" in table.column_names else [None] * len(texts)
         verdict = Verdict.keep_all(len(texts))
         decision = REJECT if self.params.action == "reject" else REVIEW
-        names = ("word_count", "mean_word_len", "alpha_word_frac", "dup_line_frac", "dup_line_char_frac")
+        names = ("word_count", "mean_word_len", "alpha_word_frac", "dup_line_frac", "dup_line_char_frac",
+                 "symbol_char_frac")
         cols = {k: np.zeros(len(texts), np.float64) for k in names}
-        for i, text in enumerate(texts):
-            reason, scores = analyze(text, self.params, self._zero_re, self._char_re)
+        for i, (text, lang) in enumerate(zip(texts, langs)):
+            reason, scores = analyze(text, self.params, lang, self._zero_re, self._char_re)
             for k in names:
                 cols[k][i] = scores[k]
             if reason:

@@ -1,0 +1,175 @@
+"""Precision and recall of the curation rules on the labelled evaluation set (bench/build_rules_eval.py),
+per rule and overall, for ivl's default curate config (jobs/configs/curate.yaml, no dedup) and its
+rule-set options, and for DataTrove's Gopher, C4 and FineWeb filters side by side where importable.
+
+    python bench/build_rules_eval.py --out /tmp/rules-eval/eval.jsonl
+    /tmp/benchenv/bin/python bench/rules_quality.py --eval /tmp/rules-eval/eval.jsonl   # with DataTrove
+    .venv/bin/python bench/rules_quality.py                                              # ivl only
+
+Each item is one conversation (an empty human turn, the item as the assistant turn) run through the
+config's stages in order, as the curate runner does: rejected rows skip the later stages. A hit is a
+row some rule sends to review/ or rejected/. Precision of a rule = its hits on planted items / all its
+hits; recall of a defect kind = planted items of that kind that any rule hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def load_eval(path: str) -> tuple[dict, list[dict]]:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return rows[0], rows[1:]
+
+
+def run_config(items: list[dict], stages: list[dict]) -> list[list[str]]:
+    """Per item, every `<operator>:<rule>` that fired, in stage order (a reject ends the row's chain)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from operators.base import REJECT, build_operator
+    from pipeline.curate import load_operators
+    from pipeline.schema import rows_to_table
+
+    load_operators()
+    ops = [build_operator(dict(s)) for s in stages]
+    for op in ops:
+        op.setup()
+    rows = [{"id": it["id"], "source": it["source"], "category": "", "meta": "{}", "images": [],
+             "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": it["text"]}]}
+            for it in items]
+    hits: list[list[str]] = [[] for _ in items]
+    for start in range(0, len(rows), 500):
+        table = rows_to_table(rows[start : start + 500])
+        index = np.arange(start, start + table.num_rows)
+        for op in ops:
+            if not table.num_rows:
+                break
+            v = op(table)
+            for j in np.flatnonzero(v.decision):
+                hits[index[j]].append(f"{op.name}:{v.rule[j]}")
+            for col, values in v.columns.items():  # later stages read earlier columns (lang)
+                arr = pa.array(list(values))
+                table = table.set_column(table.column_names.index(col), col, arr) if col in table.column_names \
+                    else table.append_column(col, arr)
+            alive = v.decision != REJECT
+            table, index = table.filter(pa.array(alive)), index[alive]
+    return hits
+
+
+def run_datatrove(items: list[dict]) -> dict[str, list[list[str]]] | None:
+    """DataTrove 0.10's quality filters, each over every item: name -> per item the reasons it dropped."""
+    try:
+        from datatrove.data import Document
+        from datatrove.pipeline.filters import (
+            C4QualityFilter,
+            FineWebQualityFilter,
+            GopherQualityFilter,
+            GopherRepetitionFilter,
+        )
+    except ImportError:
+        return None
+    sets = {"gopher": [GopherRepetitionFilter(), GopherQualityFilter()], "c4": [C4QualityFilter()],
+            "fineweb": [FineWebQualityFilter()]}
+    out = {}
+    for name, filters in sets.items():
+        res = []
+        for it in items:
+            reasons = []
+            for flt in filters:
+                r = flt.filter(Document(text=it["text"], id=it["id"]))
+                if r is not True:
+                    reasons.append(f"datatrove_{name}:{r[1] if isinstance(r, tuple) else 'dropped'}")
+                    break
+            res.append(reasons)
+        out[name] = res
+    return out
+
+
+def report(title: str, items: list[dict], hits: list[list[str]]) -> dict:
+    real = [i for i, it in enumerate(items) if it["label"] == "real"]
+    planted = [i for i, it in enumerate(items) if it["label"] != "real"]
+    flagged_real = sum(bool(hits[i]) for i in real)
+    caught = sum(bool(hits[i]) for i in planted)
+    print(f"\n== {title}")
+    print(f"real items flagged: {flagged_real} of {len(real)} ({flagged_real / len(real):.1%}); "
+          f"planted defects caught: {caught} of {len(planted)} ({caught / max(1, len(planted)):.1%})")
+    per_rule = collections.defaultdict(lambda: [0, 0])
+    for i, hs in enumerate(hits):
+        for h in set(hs):
+            per_rule[h][items[i]["label"] != "real"] += 1
+    print(f"{'rule':42s} {'hits':>5s} {'real':>5s} {'precision':>9s}")
+    worst = 1.0
+    for rule, (on_real, on_planted) in sorted(per_rule.items(), key=lambda kv: -sum(kv[1])):
+        prec = on_planted / (on_real + on_planted)
+        worst = min(worst, prec)
+        print(f"{rule:42s} {on_real + on_planted:5d} {on_real:5d} {prec:9.1%}")
+    kinds = collections.defaultdict(list)
+    for i in planted:
+        kinds[items[i]["label"]].append(i)
+    print(f"{'defect kind':18s} {'n':>3s} {'recall':>7s}  rules that caught it")
+    for kind, idx in kinds.items():
+        got = collections.Counter(h.split(";")[0] for i in idx for h in hits[i][:1])
+        print(f"{kind:18s} {len(idx):3d} {sum(bool(hits[i]) for i in idx) / len(idx):7.1%}  "
+              f"{dict(got.most_common(3))}")
+    by_cat = collections.defaultdict(lambda: [0, 0])
+    for i in real:
+        key = (items[i]["category"], items[i]["lang"] if items[i]["lang"] in ("en", "zh", "it", "de", "fr", "es")
+               else "other")
+        by_cat[key][0] += 1
+        by_cat[key][1] += bool(hits[i])
+    print("real items flagged by category/language:",
+          ", ".join(f"{c}/{lang} {f}/{n}" for (c, lang), (n, f) in sorted(by_cat.items())))
+    return {"real_flagged": flagged_real / len(real), "caught": caught / max(1, len(planted)),
+            "worst_precision": worst}
+
+
+def main() -> None:
+    import yaml
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", default="/tmp/rules-eval/eval.jsonl")
+    ap.add_argument("--config", default=os.path.join(ROOT, "jobs/configs/curate.yaml"))
+    ap.add_argument("--examples", type=int, default=0, help="print this many flagged real items per rule")
+    args = ap.parse_args()
+    header, items = load_eval(args.eval)
+    real = sum(it["label"] == "real" for it in items)
+    langs = collections.Counter(it["lang"] for it in items if it["label"] == "real")
+    print(f"eval set: {args.eval}: {real} real items in {len(langs)} languages {dict(langs.most_common())}, "
+          f"{len(items) - real} planted defects")
+    with open(args.config) as f:
+        stages = yaml.safe_load(f)["stages"]
+    hits = run_config(items, stages)
+    summary = report(f"ivl default config ({os.path.relpath(args.config, ROOT)}), no dedup", items, hits)
+    ok = summary["real_flagged"] <= 0.05 and summary["caught"] >= 0.90 and summary["worst_precision"] >= 0.98
+    print(f"targets (<= 5% real flagged, >= 90% caught, every rule >= 98% precise): {'MET' if ok else 'NOT MET'}")
+    if args.examples:
+        shown = collections.Counter()
+        for it, hs in zip(items, hits):
+            if it["label"] == "real" and hs and shown[hs[0]] < args.examples:
+                shown[hs[0]] += 1
+                print(f"--- {hs} {it['source']} {it['lang']}: {it['text'][:300]!r}")
+    for rule_set in ("c4", "fineweb"):
+        opt = [dict(s, rule_sets=["gopher", rule_set]) if s["op"] == "text_rules" else s for s in stages]
+        report(f"ivl default config with rule_sets [gopher, {rule_set}]", items, run_config(items, opt))
+    dt = run_datatrove(items)
+    if dt is None:
+        print("\ndatatrove not importable: its filters are skipped (run with /tmp/benchenv/bin/python)")
+        return
+    for name, res in dt.items():
+        report(f"DataTrove {name} filters (their defaults, every item)", items, res)
+        long_idx = [i for i, it in enumerate(items) if len(it["text"].split()) >= 50]
+        report(f"DataTrove {name} filters, items with >= 50 whitespace words only",
+               [items[i] for i in long_idx], [res[i] for i in long_idx])
+
+
+if __name__ == "__main__":
+    main()
