@@ -65,8 +65,10 @@ def submit(command: list[str], address: str | None = None, wait: bool = True) ->
     address = dashboard_address(address)
     entry = build_entrypoint(command, address)
     c = client(address)
-    job_id = c.submit_job(entrypoint=entry, submission_id=submission_id(command),
-                          metadata={"tool": "ivl", "job": command[1]})
+    from pipeline.session import job_from_argv, job_metadata  # imports Ray: after client() set the auth mode
+
+    metadata = {**job_metadata(*job_from_argv(command)), "job": command[1]}  # the dashboard's job name
+    job_id = c.submit_job(entrypoint=entry, submission_id=submission_id(command), metadata=metadata)
     print(f"submitted {job_id} to {address} (dashboard: {address}/#/jobs/{job_id})", flush=True)
     if not wait:
         return 0
