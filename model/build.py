@@ -1,126 +1,61 @@
 """Build an InternVL 2.5 model with transformers' native classes (REFERENCE.md, "Model").
 
-Three ways in:
-- `from_checkpoint(path)`: an InternVL HF-format directory (`-hf` checkpoints, or a stage output);
-- `from_preset(name, tokenizer)`: random init of a size preset (`tiny` for tests, `1b` = InternViT-300M +
-  Qwen2.5-0.5B shape), the LLM vocabulary sized to the tokenizer the data was packed with;
-- `compose(vision_from, llm_from)`: progressive scaling (InternVL 2.5 §3.3) -- the vision tower of an
-  earlier checkpoint, the LLM of another checkpoint (or a preset), and a freshly initialised projector.
+Ways in:
+- `from_checkpoint(path)`: an InternVL HF-format directory (`-hf` checkpoints, or a stage output), in fp32 by
+  default whatever dtype it was saved in (fp32 master weights, as InternVL trains);
+- `from_preset(name, tokenizer)`: random init of a size preset (model/presets.py: `tiny` for tests, `1b`/`2b`/
+  `4b`/`8b` = the published InternVL 2.5 shapes), the LLM vocabulary sized to the tokenizer the data was packed with;
+- `build_empty(config)` + `materialize` + `load_weights`: the same model on the meta device, given storage (after
+  FSDP2 sharding, if any) and then its weights, so no rank ever holds an unsharded copy it does not need;
+- `compose(vision_from, llm_from)`: progressive scaling (InternVL 2.5 §3.3) -- the vision tower of an earlier
+  checkpoint, the LLM of another checkpoint (or a preset), a freshly initialised projector; assembled on meta.
 `build_model(spec, data_dir=...)` picks one of them from a CLI string.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     InternVLConfig,
     InternVLForConditionalGeneration,
-    InternVLVisionConfig,
     PreTrainedTokenizerBase,
-    Qwen2Config,
 )
 
-from model.tiling import TOKENS_PER_TILE  # 448/14 = 32x32 patches, pixel unshuffle 0.5 -> 16x16
+from model.presets import (
+    PRESETS,
+    Preset,
+    get_preset,
+    internvl_config,
+    preset_config,
+    text_config,
+    vision_config,
+)
+from model.tiling import TOKENS_PER_TILE  # 448/14 = 32x32 patches, pixel unshuffle 0.5 -> 256 tokens per tile
 from model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+__all__ = [
+    "PRESETS", "Preset", "SPECIAL_TOKENS", "TOKENS_PER_TILE", "IMG_CONTEXT", "IMG_END", "IMG_START",
+    "attach_tokenizer", "build_empty", "build_model", "canonical_keys", "compose", "ensure_special_tokens", "from_checkpoint",
+    "from_preset", "internvl_config", "load_tokenizer", "load_weights", "materialize", "read_state_dict",
+    "resize_embeddings_mean",
+]
 
 # what the model itself needs (`ivl pack` also adds the grounding tokens)
 SPECIAL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Shape of one size preset; the vocabulary comes from the tokenizer."""
-
-    vision: dict
-    text: dict
-    tie_word_embeddings: bool = True
-    notes: str = ""
+def _text_config(vocab_size: int, shape: dict, tie: bool, text_type: str = "qwen2"):
+    """Kept for bench/llm_score.py: see `model.presets.text_config`."""
+    return text_config(vocab_size, shape, tie, text_type)
 
 
-PRESETS: dict[str, Preset] = {
-    # Tests: a few layers and small widths, but the real 448 / patch 14 geometry so one tile is still
-    # 1024 patches -> 256 LLM tokens and packed shards need no special casing.
-    "tiny": Preset(
-        vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-        text=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rope_theta=1_000_000.0,
-        ),
-        notes="test-sized; 448px tiles, patch 14, 256 tokens per tile",
-    ),
-    # InternVL2.5-1B: InternViT-300M-448px-V2.5 (24 layers, 1024 wide, 16 heads, MLP 4096, LayerNorm,
-    # layer scale) + Qwen2.5-0.5B-Instruct (24 layers, 896 wide, 14 q / 2 kv heads, MLP 4864, tied emb).
-    "1b": Preset(
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        text=dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rope_theta=1_000_000.0,
-        ),
-        notes="InternViT-300M + Qwen2.5-0.5B shape",
-    ),
-}
-
-
-def _text_config(vocab_size: int, shape: dict, tie: bool) -> Qwen2Config:
-    shape = dict(shape)
-    theta = shape.pop("rope_theta")
-    # transformers 5.x moved rope settings into `rope_parameters`; 4.5x takes `rope_theta`.
-    if "rope_parameters" in inspect.signature(Qwen2Config.__init__).parameters:
-        shape["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-    else:
-        shape["rope_theta"] = theta
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        use_sliding_window=False,
-        tie_word_embeddings=tie,
-        **shape,
-    )
-
-
-def _vision_config(shape: dict) -> InternVLVisionConfig:
-    return InternVLVisionConfig(
-        image_size=[448, 448],
-        patch_size=[14, 14],
-        norm_type="layer_norm",
-        use_qk_norm=False,
-        layer_scale_init_value=0.1,
-        use_mean_pooling=False,
-        **shape,
-    )
-
-
-def internvl_config(vision: InternVLVisionConfig, text, image_token_id: int, tie: bool) -> InternVLConfig:
-    return InternVLConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_id=image_token_id,
-        image_seq_length=TOKENS_PER_TILE,
-        downsample_ratio=0.5,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=tie,
-    )
+def _vision_config(shape: dict):
+    return vision_config(shape)
 
 
 def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -158,40 +93,134 @@ def attach_tokenizer(model: InternVLForConditionalGeneration, tokenizer: PreTrai
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     ensure_special_tokens(tok)
     return tok
 
 
+# ---------------------------------------------------------------- meta-device building and weight loading
+def build_empty(config: InternVLConfig) -> InternVLForConditionalGeneration:
+    """The model of `config` on the meta device: shapes only, no memory (shard it, then `materialize`)."""
+    with torch.device("meta"):
+        return InternVLForConditionalGeneration(config)
+
+
+def materialize(model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Give a meta-device (or FSDP2-sharded meta) model real, uninitialised storage on `device`, and recompute
+    the buffers no checkpoint holds (RoPE `inv_freq`); `load_weights` fills the rest."""
+    model.to_empty(device=device)
+    for mod in model.modules():
+        missing = [n for n in getattr(mod, "_non_persistent_buffers_set", ()) if mod._buffers.get(n) is not None]
+        if missing:
+            with torch.device("cpu"):
+                fresh = type(mod)(mod.config)  # RoPE modules compute their buffers from the config alone
+            for n in missing:
+                mod._buffers[n] = getattr(fresh, n).to(device)
+    return model
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors under {path}")
+    return files
+
+
+def canonical_keys(model: InternVLForConditionalGeneration, keys: Iterable[str]) -> dict[str, str]:
+    """Checkpoint key -> this transformers version's name, with transformers' own legacy mapping (the -hf
+    checkpoints on the hub use `language_model.model.*`, `vision_tower.*` at the top level)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renames = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if not isinstance(m, WeightRenaming)]
+    own = dict.fromkeys(model.state_dict().keys(), True)
+    return {k: rename_source_key(k, renames, converters, model.base_model_prefix, own)[0] for k in keys}
+
+
+def read_state_dict(
+    path: str | Path, prefixes: tuple[str, ...] | None = None, dtype: torch.dtype | None = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint dir (sharded or not) whose names start with one of `prefixes`, floating
+    ones cast to `dtype` (fp32 master weights); only those tensors are read from disk."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in _safetensors_files(Path(path)):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if prefixes is None or k.startswith(prefixes):
+                    t = fh.get_tensor(k)
+                    out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def load_weights(
+    model: InternVLForConditionalGeneration,
+    state_dict: dict[str, torch.Tensor] | str | Path,
+    strict: bool = True,
+) -> None:
+    """Copy a full (unsharded) state dict into `model` -- real, meta (a shape check only) or FSDP2-sharded: then
+    each rank keeps only its shard. Legacy key names are mapped; a tied `lm_head.weight` may be absent."""
+    sd = read_state_dict(state_dict) if isinstance(state_dict, str | Path) else state_dict
+    names = canonical_keys(model, sd)
+    sd = {names[k]: v for k, v in sd.items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # the tied copy; it follows the embeddings
+    own = model.state_dict()
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if strict:
+        missing = sorted(set(own) - set(sd) - tied)
+        unexpected = sorted(set(sd) - set(own))
+        bad = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or bad:
+            raise ValueError(
+                f"state dict does not match the model: {len(missing)} missing {missing[:3]}, {len(unexpected)} "
+                f"unexpected {unexpected[:3]}, {len(bad)} of another shape {bad[:3]}"
+            )
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(sd, strict=False)
+    if model.config.tie_word_embeddings and not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        model.tie_weights()
+
+
+# ---------------------------------------------------------------- the ways in
 def from_preset(
     name: str, tokenizer: PreTrainedTokenizerBase | None = None, vocab_size: int | None = None, seed: int = 0
 ) -> InternVLForConditionalGeneration:
-    """Random-init model of preset `name`; vocab = len(tokenizer) (or `vocab_size` without a tokenizer)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    preset = PRESETS[name]
+    """Random-init model of preset `name`; vocab = len(tokenizer), else `vocab_size`, else the published one."""
+    preset = get_preset(name)
+    image_token_id = None
     if tokenizer is not None:
         ensure_special_tokens(tokenizer)
         vocab_size = len(tokenizer)
         image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    elif vocab_size is not None:
-        image_token_id = vocab_size - 1  # benchmark use: the last id plays <IMG_CONTEXT>
-    else:
+    elif vocab_size is None and preset.vocab_size is None:
         raise ValueError("from_preset needs a tokenizer or a vocab_size")
-    config = internvl_config(
-        _vision_config(preset.vision),
-        _text_config(vocab_size, preset.text, preset.tie_word_embeddings),
-        image_token_id,
-        preset.tie_word_embeddings,
-    )
+    config = preset_config(name, vocab_size, image_token_id)
     torch.manual_seed(seed)
     return InternVLForConditionalGeneration(config)
 
 
-def from_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> InternVLForConditionalGeneration:
-    """Load an InternVL HF-format checkpoint directory (as written by `train.checkpoint.save_model`)."""
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return InternVLForConditionalGeneration.from_pretrained(str(path), **kwargs)
+def from_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, meta: bool = False
+) -> InternVLForConditionalGeneration:
+    """Load an InternVL HF-format checkpoint directory in `dtype` (fp32 by default, even from a bf16 checkpoint:
+    transformers 5 would keep bf16). `meta=True` builds it on the meta device instead, without reading weights
+    (then shard, `materialize` and `load_weights(model, path)`)."""
+    if meta:
+        return build_empty(AutoConfig.from_pretrained(str(path)))
+    return InternVLForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
 
 
 def _is_internvl(path: str | Path) -> bool:
@@ -199,44 +228,62 @@ def _is_internvl(path: str | Path) -> bool:
     return cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "internvl"
 
 
+def _init_projector(model: InternVLForConditionalGeneration, seed: int) -> None:
+    """Fresh projector weights, as transformers' `_init_weights` makes them (normal(0, initializer_range) linears,
+    zero biases, unit LayerNorm)."""
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(model.config.text_config, "initializer_range", 0.02) or 0.02
+    with torch.no_grad():
+        for mod in model.model.multi_modal_projector.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
+                mod.bias.zero_()
+            elif isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+
+
 def compose(
     vision_from: str | Path,
     llm_from: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Progressive scaling: vision tower of `vision_from` + LLM of `llm_from` + a fresh projector.
+    """Progressive scaling: vision tower of `vision_from` + LLM of `llm_from` + a fresh projector, built on the
+    meta device and then given only the weights it keeps (the source models are never built).
 
     `llm_from` is an InternVL checkpoint (its language model and head are taken), a plain causal-LM
     checkpoint (e.g. a Qwen2.5 directory), or a preset name (random LLM; then `tokenizer` is required).
-    The tokenizer follows the LLM, since the vocabulary belongs to it."""
-    vision_src = from_checkpoint(vision_from)
-    vision_cfg = vision_src.config.vision_config
+    The tokenizer follows the LLM, since the vocabulary belongs to it; pass the data's tokenizer to size the
+    vocabulary for the packed ids."""
+    vision_cfg = AutoConfig.from_pretrained(str(vision_from)).vision_config
     llm_from = str(llm_from)
     if llm_from in PRESETS:
         if tokenizer is None:
             raise ValueError("compose with an LLM preset needs the data's tokenizer")
-        llm_src = from_preset(llm_from, tokenizer, seed=seed)
-        text_cfg, lm, head = llm_src.config.text_config, llm_src.model.language_model, llm_src.lm_head
-        tie = bool(llm_src.config.tie_word_embeddings)
+        src = from_preset(llm_from, tokenizer, seed=seed)
+        text_cfg, tie = src.config.text_config, bool(src.config.tie_word_embeddings)
+        llm_sd = {k: v for k, v in src.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
     elif _is_internvl(llm_from):
-        llm_src = from_checkpoint(llm_from)
-        text_cfg, lm, head = llm_src.config.text_config, llm_src.model.language_model, llm_src.lm_head
-        tie = bool(llm_src.config.tie_word_embeddings)
+        src_cfg = AutoConfig.from_pretrained(llm_from)
+        text_cfg, tie = src_cfg.text_config, bool(src_cfg.tie_word_embeddings)
+        llm_sd = read_state_dict(llm_from, ("model.language_model.", "language_model.", "lm_head."))
         tokenizer = tokenizer or load_tokenizer(llm_from)
     else:
-        llm_src = AutoModelForCausalLM.from_pretrained(llm_from)
-        text_cfg, lm, head = llm_src.config, llm_src.model, llm_src.lm_head
-        tie = bool(getattr(AutoConfig.from_pretrained(llm_from), "tie_word_embeddings", False))
+        text_cfg = AutoConfig.from_pretrained(llm_from)
+        tie = bool(getattr(text_cfg, "tie_word_embeddings", False))
+        raw = read_state_dict(llm_from, ("model.", "lm_head."))
+        llm_sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+                  for k, v in raw.items()}
         tokenizer = tokenizer or load_tokenizer(llm_from)
     ensure_special_tokens(tokenizer)
     config = internvl_config(vision_cfg, text_cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT), tie)
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)  # projector stays freshly initialised
-    model.model.vision_tower.load_state_dict(vision_src.model.vision_tower.state_dict())
-    model.model.language_model.load_state_dict(lm.state_dict())
-    if not tie:
-        model.lm_head.load_state_dict(head.state_dict())
+    model = materialize(build_empty(config), device)
+    vision_sd = read_state_dict(vision_from, ("model.vision_tower.", "vision_tower."))
+    _init_projector(model, seed)
+    proj = {f"model.multi_modal_projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()}
+    load_weights(model, {**vision_sd, **llm_sd, **proj}, strict=True)
     attach_tokenizer(model, tokenizer)
     return model, tokenizer
 
