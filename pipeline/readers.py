@@ -747,6 +747,8 @@ def _has_bytes(v) -> bool:
 
 def _canonical_parquet(e: Entry, rid: str, rec: dict):
     images = rec.get("images")
+    if isinstance(images, list):  # `ivl export --format parquet`: HF Image structs {bytes, path}
+        images = [b.get("bytes") if isinstance(b, dict) else b for b in images]
     if images is None or not all(isinstance(b, bytes) for b in images):
         return _raw_row(e, rec.get("id") or rid, "", file=e.path), "bad_image_field"
     return _canonical_sample(e, {**rec, "id": rec.get("id") or rid}, images)
