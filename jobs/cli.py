@@ -138,6 +138,19 @@ def cmd_report(a) -> None:
     print(f"page: {write_chain_report(a.out or a.inp[-1], names)}")
 
 
+def cmd_export(a) -> None:
+    from pipeline.export import check_export_args, run_export
+
+    check_export_args(a.inp, a.format)  # before Ray starts: one line on a missing input or unknown format
+    from pipeline.session import ray_session
+
+    with ray_session(a.address, a.num_cpus):
+        s = run_export(a.inp, a.out, a.format, absolute_paths=a.absolute_paths)
+    where = os.path.join(a.out, "meta.json") if a.format == "internvl" else a.out
+    print(f"input {s['input']}, exported {s['exported']} (+{s['repeat_copies']} repeat_time copies made by the meta)\n"
+          f"{a.format}: {where}\nreport: {os.path.join(a.out, 'report', 'summary.json')}")
+
+
 def cmd_submit(a) -> None:
     from jobs.submit import submit
 
@@ -240,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="inp", nargs="+", required=True, help="job OUT folders, in chain order")
     p.add_argument("--out", default=None, help="folder for the chain page (default: the last job's OUT)")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="canonical shards -> InternVL meta+JSONL+images, LLaVA JSON, or HF Parquet")
+    p.add_argument("--in", dest="inp", required=True, help="an ingest/curate OUT (its kept/) or a folder of shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["internvl", "llava", "parquet"], default="internvl")
+    p.add_argument("--absolute-paths", action="store_true",
+                   help="internvl: absolute root/annotation paths in meta.json (InternVL opens them from its cwd)")
+    _add_common(p)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("submit", help="run an ivl command as a Ray job on a cluster")
     p.add_argument("--address", default=None, help="dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
