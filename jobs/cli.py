@@ -151,6 +151,35 @@ def cmd_export(a) -> None:
           f"{a.format}: {where}\nreport: {os.path.join(a.out, 'report', 'summary.json')}")
 
 
+def cmd_mix(a) -> None:
+    from pipeline.mix import load_targets, plan_datasets, run_mix
+    from pipeline.session import ray_session
+
+    if not os.path.exists(a.tokenizer):
+        raise UsageError(f"tokenizer {a.tokenizer} does not exist")
+    targets = load_targets(a.targets, a.preset)
+    datasets = plan_datasets(a.meta, targets, a.tokenizer)  # bad meta or targets fail here, before Ray starts
+    with ray_session(a.address, a.num_cpus):
+        s = run_mix(a.meta, targets, a.tokenizer, a.out, cache=a.cache, datasets=datasets)
+    for c, v in s["categories"].items():
+        print(f"{c:>16}: target {v['target_share']:.3f}  planned {v['achieved_share']:.3f}  ({v['status']})")
+    print(f"planned {s['planned_tokens']:,} tokens of {s['budget_tokens']:,} ({100 * s['budget_error']:+.2f}%)\n"
+          f"planned meta: {a.out}")
+
+
+def cmd_export(a) -> None:
+    from pipeline.export import check_export_args, run_export
+
+    check_export_args(a.inp, a.format)  # before Ray starts: one line on a missing input or unknown format
+    from pipeline.session import ray_session
+
+    with ray_session(a.address, a.num_cpus):
+        s = run_export(a.inp, a.out, a.format, absolute_paths=a.absolute_paths)
+    where = os.path.join(a.out, "meta.json") if a.format == "internvl" else a.out
+    print(f"input {s['input']}, exported {s['exported']} (+{s['repeat_copies']} repeat_time copies made by the meta)\n"
+          f"{a.format}: {where}\nreport: {os.path.join(a.out, 'report', 'summary.json')}")
+
+
 def cmd_submit(a) -> None:
     from jobs.submit import submit
 
@@ -253,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="inp", nargs="+", required=True, help="job OUT folders, in chain order")
     p.add_argument("--out", default=None, help="folder for the chain page (default: the last job's OUT)")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="canonical shards -> InternVL meta+JSONL+images, LLaVA JSON, or HF Parquet")
+    p.add_argument("--in", dest="inp", required=True, help="an ingest/curate OUT (its kept/) or a folder of shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["internvl", "llava", "parquet"], default="internvl")
+    p.add_argument("--absolute-paths", action="store_true",
+                   help="internvl: absolute root/annotation paths in meta.json (InternVL opens them from its cwd)")
+    _add_common(p)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("mix", help="token shares per category -> repeat_time per dataset in a meta JSON")
+    p.add_argument("--meta", required=True, help="InternVL meta JSON (each entry's `category` or targets' category_of)")
+    p.add_argument("--targets", required=True, help="MIX.yaml: budget_tokens, categories: {name: share}, limits")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer ivl pack will use (folder or .gguf)")
+    p.add_argument("--out", required=True, help="the planned meta JSON to write")
+    p.add_argument("--preset", default=None, help="a named preset of the targets file (e.g. a training stage)")
+    p.add_argument("--cache", default=None, help="token-count cache (default: beside --out)")
+    _add_common(p)
+    p.set_defaults(fn=cmd_mix)
 
     p = sub.add_parser("export", help="canonical shards -> InternVL meta+JSONL+images, LLaVA JSON, or HF Parquet")
     p.add_argument("--in", dest="inp", required=True, help="an ingest/curate OUT (its kept/) or a folder of shards")
