@@ -50,19 +50,37 @@ def cmd_ingest(a) -> None:
 
 
 def cmd_curate(a) -> None:
-    from pipeline.curate import load_curate_config, run_curate
     from pipeline.io import check_readable, list_input_shards
+
+    shards = list_input_shards(a.inp)  # a missing or empty --in fails first, before anything heavy is imported
+    from pipeline.curate import load_curate_config, run_curate
     from pipeline.session import ray_session
 
     cfg = load_curate_config(a.config)  # bad config fails here, before Ray starts
     if a.fail_fast:
-        check_readable(list_input_shards(a.inp))
+        check_readable(shards)
     with ray_session(a.address, a.num_cpus):
         s = run_curate(a.inp, a.out, cfg, rows_per_shard=a.rows_per_shard, fmt=a.format)
     _done(os.path.join(a.out, "report", "summary.json"), s)
 
 
+def check_pack_args(a) -> None:
+    """Before Ray (and transformers) load: the input's shards, the tokenizer path and the budgets."""
+    from pipeline.io import list_input_shards
+
+    list_input_shards(a.inp)
+    # a hub name is `org/name`; anything else with a path shape must exist here
+    looks_local = a.tokenizer.endswith(".gguf") or a.tokenizer.startswith((".", "/", "~")) or a.tokenizer.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(a.tokenizer)):
+        raise UsageError(f"tokenizer {a.tokenizer} does not exist")
+    for flag, v in (("--max-tokens", a.max_tokens), ("--max-tiles", a.max_tiles), ("--buffer-size", a.buffer_size),
+                    ("--rows-per-shard", a.rows_per_shard)):
+        if v is not None and v <= 0:
+            raise UsageError(f"{flag} must be positive, got {v}")
+
+
 def cmd_pack(a) -> None:
+    check_pack_args(a)
     from pipeline.pack_job import run_pack
     from pipeline.session import ray_session
 
@@ -136,19 +154,6 @@ def cmd_report(a) -> None:
         name = os.path.basename(os.path.abspath(d))
         names[name if name not in names else d] = d
     print(f"page: {write_chain_report(a.out or a.inp[-1], names)}")
-
-
-def cmd_export(a) -> None:
-    from pipeline.export import check_export_args, run_export
-
-    check_export_args(a.inp, a.format)  # before Ray starts: one line on a missing input or unknown format
-    from pipeline.session import ray_session
-
-    with ray_session(a.address, a.num_cpus):
-        s = run_export(a.inp, a.out, a.format, absolute_paths=a.absolute_paths)
-    where = os.path.join(a.out, "meta.json") if a.format == "internvl" else a.out
-    print(f"input {s['input']}, exported {s['exported']} (+{s['repeat_copies']} repeat_time copies made by the meta)\n"
-          f"{a.format}: {where}\nreport: {os.path.join(a.out, 'report', 'summary.json')}")
 
 
 def cmd_mix(a) -> None:
@@ -282,15 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="inp", nargs="+", required=True, help="job OUT folders, in chain order")
     p.add_argument("--out", default=None, help="folder for the chain page (default: the last job's OUT)")
     p.set_defaults(fn=cmd_report)
-
-    p = sub.add_parser("export", help="canonical shards -> InternVL meta+JSONL+images, LLaVA JSON, or HF Parquet")
-    p.add_argument("--in", dest="inp", required=True, help="an ingest/curate OUT (its kept/) or a folder of shards")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["internvl", "llava", "parquet"], default="internvl")
-    p.add_argument("--absolute-paths", action="store_true",
-                   help="internvl: absolute root/annotation paths in meta.json (InternVL opens them from its cwd)")
-    _add_common(p)
-    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("mix", help="token shares per category -> repeat_time per dataset in a meta JSON")
     p.add_argument("--meta", required=True, help="InternVL meta JSON (each entry's `category` or targets' category_of)")
