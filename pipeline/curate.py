@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator
-from pipeline.dedup_stage import dataset_store_bytes
+from pipeline.dedup_stage import StoreBytes
 from pipeline.distill_stage import DistillConfig, distilled_stages, llm_stage_index
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
@@ -354,6 +354,7 @@ def run_segment(batch: pa.Table, specs: list[dict], last: bool, job: dict) -> pa
 UNIT_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
                          ("state", pa.binary()), ("error", pa.string())])
 VERDICT_DIR, DECISION_DIR = "_verdicts", "_dedup"
+UNIT_MEMORY = 256 << 20  # bytes a task segment asks Ray for: one shard (DEFAULT_BYTES_PER_SHARD) in memory
 
 
 def finish_unit(table: pa.Table, unit: dict, job: dict) -> None:
@@ -440,7 +441,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
     if cfg.distill is not None:  # LLM on a sample -> fastText; resumes from OUT/_distill/done.json
         cfg = cfg.model_copy(update={"stages": distilled_stages(cfg.stages, files, out_dir, cfg.distill)})
     job = dict(out_dir=out_dir, fmt=fmt, rows_per_shard=rows_per_shard, dedup=cfg.dedup, batch_size=cfg.batch_size)
-    store_bytes = 0
+    store = StoreBytes()  # what Ray Data's operators put into the object store, from its stats
     if todo:  # phase 1: every row operator, unit by unit (only verdicts pass between segments)
         ds = ray.data.from_arrow(pa.Table.from_pylist(
             [{"key": u.key, "path": u.path, "rows": u.rows, "state": None, "error": None} for u in todo],
@@ -450,19 +451,18 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             kw = dict(fn_kwargs={"specs": seg.specs, "last": i == len(segments) - 1, "job": job},
                       batch_size=1, batch_format="pyarrow")
             if seg.kind == "task":
-                # Ray Data's own default retries, spelt out: remote args the next actor pool lacks keep
-                # Ray Data from fusing these tasks into it (operator_fusion.are_remote_args_compatible)
-                ds = ds.map_batches(run_segment, max_retries=-1, **kw)
+                # a unit's shard and verdicts fit in UNIT_MEMORY; the request also keeps Ray Data from
+                # fusing these tasks into a following actor pool (remote args differ: no fusion)
+                ds = ds.map_batches(run_segment, memory=UNIT_MEMORY, **kw)
             else:
                 ds = ds.map_batches(_SegmentActor, fn_constructor_kwargs={"specs": seg.specs},
                                     concurrency=_pool_size(seg, cfg), num_gpus=seg.num_gpus or None, **kw)
         ds.set_name("ivl-curate:operators")
         ds = ds.materialize()
-        store_bytes += dataset_store_bytes(ds)
+        store.add(ds)
     dedup_stats = None
     if staged:
-        dedup_stats, nbytes = _dedup_to_shards(out_dir, units, cfg)
-        store_bytes += nbytes
+        dedup_stats = _dedup_to_shards(out_dir, units, cfg, store)
         todo_route = [u for u in units if not routed(u.key)]
         if todo_route:
             ds = ray.data.from_items([{"key": u.key, "path": u.path, "rows": u.rows} for u in todo_route],
@@ -470,7 +470,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             ds = ds.map(_route_unit, fn_kwargs={"job": job})
             ds.set_name("ivl-curate:route")
             ds = ds.materialize()
-            store_bytes += dataset_store_bytes(ds)
+            store.add(ds)
         for sub in (VERDICT_DIR, DECISION_DIR):  # every unit is routed now
             shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
     markers = read_markers(out_dir, units)
@@ -482,7 +482,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             operators.setdefault(reason.split(":")[0], Counter())[split] += n
     summary.update(operators={k: dict(v) for k, v in operators.items()}, shards=len(files),
                    resumed_shards=len(files) - len(todo), seconds=round(time.time() - t0, 2),
-                   input_bytes=sum(os.path.getsize(f) for f in files), object_store_bytes=store_bytes)
+                   input_bytes=sum(os.path.getsize(f) for f in files), object_store_bytes=store.total)
     if dedup_stats:
         summary["dedup"] = dedup_stats
     write_plots(out_dir, summary, stage_thresholds(cfg))
@@ -501,19 +501,17 @@ class _SegmentActor:
         return run_segment(batch, specs, last, job)
 
 
-def _dedup_to_shards(out_dir: str, units: list[WorkUnit], cfg: CurateConfig) -> tuple[dict, int]:
+def _dedup_to_shards(out_dir: str, units: list[WorkUnit], cfg: CurateConfig, store: StoreBytes) -> dict:
     """Phase 2: one global dedup over the key rows only (never content); its decisions are written
     per input shard to OUT/_dedup/<key>.parquet, so each routing task reads its own."""
     from pipeline.dedup_stage import DedupConfig, decisions_by_shard
 
     stats = read_marker(out_dir, "dedup")
-    if stats is not None:
-        return stats, 0
-    keys = [os.path.join(out_dir, VERDICT_DIR, f"{u.key}.keys.parquet") for u in units]
-    stats = decisions_by_shard(keys, DedupConfig(**cfg.dedup), os.path.join(out_dir, DECISION_DIR))
-    nbytes = stats.pop("object_store_bytes")
-    write_marker(out_dir, "dedup", stats)
-    return stats, nbytes
+    if stats is None:
+        keys = [os.path.join(out_dir, VERDICT_DIR, f"{u.key}.keys.parquet") for u in units]
+        stats = decisions_by_shard(keys, DedupConfig(**cfg.dedup), os.path.join(out_dir, DECISION_DIR), store)
+        write_marker(out_dir, "dedup", stats)
+    return stats
 
 
 def _route_unit(u: dict, job: dict) -> dict:

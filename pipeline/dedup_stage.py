@@ -552,12 +552,13 @@ LOCS = pa.schema([("orig", _S), ("_shard", _S), ("_row", pa.int64())])
 SHARD_DECISIONS = pa.schema([("_row", pa.int64()), ("dedup_rule", _S), ("dup_of", _S)])
 
 
-def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str) -> dict:
+def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str, store: StoreBytes | None = None) -> dict:
     """Global dedup over the key rows in `key_files` (columns of `row_keys` plus `orig` = the id a
     repeat_time copy repeats, `_shard`, `_row`), its decisions written per shard to
     `out_folder/<shard>.parquet` (_row, dedup_rule, dup_of; no file: nothing removed there).
     Only originals (orig == id) take part; a copy follows its original's fate. Key rows only move:
-    the driver gets per-block rule counts. Returns {removed, by_rule, object_store_bytes}."""
+    the driver gets per-block rule counts. Returns {removed, by_rule}; `store` counts the bytes moved."""
+    store = store or StoreBytes()
     ds = ray.data.read_parquet(key_files)
     ds.set_name("ivl-curate:dedup_keys")
     originals = ds.map_batches(
@@ -569,8 +570,9 @@ def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str) 
     for r in counts:
         by_rule[r["rule"]] += r["n"]
     stats = {"removed": sum(by_rule.values()), "by_rule": dict(sorted(by_rule.items()))}
+    store.add(decisions)
     if not by_rule:
-        return {**stats, "object_store_bytes": dataset_store_bytes(decisions)}
+        return stats
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parts = max(cpus, math.ceil(n / cfg.rows_per_partition))
     locs = ds.map_batches(lambda t: t.select(LOCS.names).cast(LOCS), batch_format="pyarrow")
@@ -585,8 +587,8 @@ def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str) 
     keyed = located.map_batches(lambda t: _with_part(t, _str_part(t.column("_shard"), parts)), batch_format="pyarrow")
     written = _shuffle(keyed, write, parts)
     written.set_name("ivl-curate:dedup_decisions")
-    written = written.materialize()
-    return {**stats, "object_store_bytes": dataset_store_bytes(written) + dataset_store_bytes(decisions)}
+    store.add(written.materialize())
+    return stats
 
 
 def _rule_counts(t: pa.Table) -> pa.Table:
@@ -594,17 +596,23 @@ def _rule_counts(t: pa.Table) -> pa.Table:
     return pa.table({"rule": pa.array(list(c), _S), "n": pa.array(list(c.values()), pa.int64())})
 
 
-def dataset_store_bytes(ds: ray.data.Dataset) -> int:
-    """Bytes of the blocks that the executed operators of ds, and of the datasets it was built from,
-    put into Ray's object store (Ray Data's stats: each operator's `output_size_bytes` sum), each
-    dataset counted once."""
-    seen: set[tuple[str, int]] = set()
+class StoreBytes:
+    """Bytes of the blocks that executed Ray Data operators put into Ray's object store (each
+    operator's `output_size_bytes` sum in Ray Data's stats), over every dataset added and the
+    datasets they were built from; an operator reported under several datasets counts once."""
 
-    def walk(summary) -> int:
-        if (summary.dataset_uuid, summary.number) in seen:
-            return 0
-        seen.add((summary.dataset_uuid, summary.number))
-        total = sum(int(op.output_size_bytes.sum) for op in summary.operators_stats if op.output_size_bytes)
-        return total + sum(walk(p) for p in summary.parents)
+    def __init__(self):
+        self.seen: set[tuple] = set()
+        self.total = 0
 
-    return walk(ds.get_stats_summary())
+    def add(self, ds: ray.data.Dataset) -> int:
+        stack = [ds.get_stats_summary()]
+        while stack:
+            summary = stack.pop()
+            for op in summary.operators_stats:
+                key = (op.operator_name, op.earliest_start_time, op.latest_end_time)
+                if op.output_size_bytes and key not in self.seen:
+                    self.seen.add(key)
+                    self.total += int(op.output_size_bytes.sum)
+            stack.extend(summary.parents)
+        return self.total

@@ -1,0 +1,69 @@
+"""The curate runner's data plane: where operators run, what moves through Ray's object store, and
+accounting from the input files (pipeline/curate.py over pipeline/jobs.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import tree_bytes
+
+from pipeline.curate import CurateConfig, load_curate_config, plan_segments, route_table, run_curate
+from pipeline.io import list_input_shards, read_canonical
+from pipeline.jobs import AccountingError, WorkUnit, check_accounting, merge, read_markers
+
+
+def data_files(folder) -> dict[str, bytes]:
+    return {k: v for k, v in tree_bytes(folder).items() if k.startswith(("kept/", "rejected/", "review/"))}
+
+
+def test_default_config_runs_in_one_task_segment_or_with_an_actor_pool_for_language_id():
+    cfg = load_curate_config(None)
+    names = [s["op"] for s in cfg.stages]
+    segs = plan_segments(cfg)
+    assert [(s.kind, [x["op"] for x in s.specs]) for s in segs] == [("task", names)]
+    segs = plan_segments(cfg.model_copy(update={"cpu_models": "actors"}))
+    assert [x["op"] for s in segs for x in s.specs] == names  # the configured order, cut into segments
+    assert [[x["op"] for x in s.specs] for s in segs if s.kind == "actor"] == [["language_id"]]
+    assert all(a.kind != b.kind for a, b in zip(segs, segs[1:]))  # task runs are maximal
+
+
+def test_a_lost_row_fails_the_accounting(tmp_path):
+    from test_curate_runner import make_table
+
+    t = make_table(["fine", "REJECT-x", "fine"])
+    route_table(t, str(tmp_path), "k", "parquet", 10, input_rows=4)  # the file said 4 rows, 3 arrived
+    markers = read_markers(str(tmp_path), [WorkUnit("k", "k.parquet", 4)])
+    with pytest.raises(AccountingError, match="unit k: 4 rows in the input but 3 routed"):
+        check_accounting(merge(markers), markers)
+
+
+@pytest.fixture(scope="module")
+def sample_shards(ray_local, sample_meta, tmp_path_factory):
+    from pipeline.ingest import run_ingest
+
+    out = tmp_path_factory.mktemp("ingest-plan")
+    run_ingest([sample_meta], str(out), rows_per_shard=10)
+    return out
+
+
+@pytest.mark.slow
+def test_no_content_goes_through_the_object_store_and_actor_pools_decide_alike(ray_local, sample_shards, tmp_path):
+    """Default config (its operators + exact/MinHash dedup) over the sample with its real images: the
+    bytes Ray Data's operators put into the object store are a small share of the input (only
+    verdicts and key rows move), and language ID in an actor pool decides exactly as in tasks."""
+    cfg = load_curate_config(None)
+    s = run_curate(str(sample_shards), str(tmp_path / "tasks"), cfg)
+    arrow = sum(read_canonical(f).nbytes for f in list_input_shards(str(sample_shards)))
+    assert 0 < s["object_store_bytes"] < 0.25 * arrow, (s["object_store_bytes"], arrow)
+    assert s["dedup"]["removed"] > 0 and s["input"] == s["kept"] + s["rejected"] + s["review"]
+    assert not os.path.exists(tmp_path / "tasks" / "_verdicts") and not os.path.exists(tmp_path / "tasks" / "_stage")
+    assert set(s["histograms"]) >= {"score_lang"} and os.path.getsize(tmp_path / "tasks" / "report" / "hist_score_lang.png") > 1000
+    s2 = run_curate(str(sample_shards), str(tmp_path / "actors"), cfg.model_copy(update={"cpu_models": "actors"}))
+    assert s2["stage_rows"] == s["stage_rows"]
+    assert data_files(tmp_path / "tasks") == data_files(tmp_path / "actors")
+
+
+def test_config_rejects_an_unknown_cpu_models_value():
+    with pytest.raises(Exception, match="cpu_models"):
+        CurateConfig(cpu_models="gpus")
