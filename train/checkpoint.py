@@ -2,10 +2,13 @@
 
 Layout of OUT (litgpt/torchtitan style: the data position is part of the checkpoint):
     OUT/checkpoints/step_000010/  config.json  model.safetensors  tokenizer files  trainer_state.pt
+                                  master_weights.pt   (fp32 weights, only when saving in bf16/fp16)
     OUT/  config.json  model.safetensors  tokenizer files      <- final model; the next stage's --model
-`trainer_state.pt` holds optimizer, scheduler, step and data position (tensors and plain types only, so it
-loads with `torch.load(weights_only=True)`). A checkpoint is written to a temporary folder and renamed, so
-a run killed while saving leaves the previous checkpoint intact.
+Training keeps fp32 master weights; `model.safetensors` is written in the dtype asked for (bf16 by default,
+as InternVL saves), and `master_weights.pt` keeps the fp32 copy that `--resume` continues from, so a resumed
+run is exact. `trainer_state.pt` holds optimizer, scheduler, step and data position (tensors and plain types
+only, so it loads with `torch.load(weights_only=True)`). A checkpoint is written to a temporary folder and
+renamed, so a run killed while saving leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "trainer_state.pt"
+MASTER_FILE = "master_weights.pt"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -63,12 +68,35 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
 
 
-def save_model(path: Path, model, tokenizer, state_dict: dict | None = None) -> None:
-    """HF-format directory loadable by `InternVLForConditionalGeneration.from_pretrained(path)`."""
+def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to `dtype`; a tensor shared by two keys (tied embeddings) stays shared."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state_dict.items():
+        if id(v) not in done:
+            done[id(v)] = v.detach().to(dtype) if v.is_floating_point() else v
+        out[k] = done[id(v)]
+    return out
+
+
+def save_model(
+    path: Path, model, tokenizer, state_dict: dict | None = None, dtype: str = "bfloat16"
+) -> dict[str, torch.Tensor]:
+    """HF-format directory loadable by `InternVLForConditionalGeneration.from_pretrained(path)`, weights
+    and config `dtype` in `dtype`. Returns the full-precision state dict it was cast from."""
     inner = unwrap(model)
-    inner.save_pretrained(str(path), state_dict=state_dict, safe_serialization=True)
+    full = state_dict if state_dict is not None else inner.state_dict()
+    inner.save_pretrained(str(path), state_dict=cast_state_dict(full, DTYPES[dtype]), safe_serialization=True)
+    cfg_path = Path(path) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for c in (cfg, cfg.get("text_config") or {}, cfg.get("vision_config") or {}):
+        c["dtype"] = dtype  # save_pretrained writes the fp32 master dtype; `dtype="auto"` readers follow this
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        from model.processor import save_processor
+
+        save_processor(path, tokenizer)  # so AutoProcessor.from_pretrained(checkpoint) works (issue 13 item 7)
+    return full
 
 
 def save_checkpoint(
@@ -81,6 +109,7 @@ def save_checkpoint(
     data_position: dict,
     extra: dict | None = None,
     state_dict: dict | None = None,
+    dtype: str = "bfloat16",
 ) -> Path:
     """Write OUT/checkpoints/step_N atomically; returns its path. Call on rank 0 only (after gathering
     `full_state_dict` / `optimizer_state` on every rank when sharded)."""
@@ -88,7 +117,9 @@ def save_checkpoint(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer, state_dict)
+    full = save_model(tmp, model, tokenizer, state_dict, dtype)
+    if DTYPES[dtype] != torch.float32:  # the saved weights are rounded: keep the fp32 masters for --resume
+        torch.save(cast_state_dict(full, torch.float32), tmp / MASTER_FILE)
     torch.save(
         {
             "optimizer": optimizer_state_dict,
@@ -119,11 +150,21 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def load_master_weights(path: Path, model) -> bool:
+    """Replace `model`'s weights by the checkpoint's fp32 masters when it has them; True if it did."""
+    f = Path(path) / MASTER_FILE
+    if not f.exists():
+        return False
+    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    unwrap(model).load_state_dict(state, strict=True)
+    return True
+
+
 def write_final(out: Path, checkpoint_dir: Path, summary: dict) -> None:
     """Copy the final checkpoint's model + tokenizer files to OUT (next stage's --model) and a summary."""
     out = Path(out)
     for f in Path(checkpoint_dir).iterdir():
-        if f.is_file() and f.name != STATE_FILE:
+        if f.is_file() and f.name not in (STATE_FILE, MASTER_FILE):
             shutil.copy2(f, out / f.name)
     (out / "report").mkdir(exist_ok=True)
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2))

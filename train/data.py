@@ -7,11 +7,19 @@ on CPU workers, and the one-process path calls it directly. Data order is a dete
 epoch permutations of the packed rows laid end to end; optimizer step s, micro-batch m, rank r reads slot
 (s * accum + m) * world + r. A step number is therefore a complete data position for `--resume`, and the
 JPEG draws are seeded by the slot, so a resumed run also sees the same pixels.
+
+Reads: a plan slot reads its one packed row by Parquet row group (`ivl pack` writes one row per row group),
+with each shard's footer cached, so a row costs the same whatever the number of shards and never reads its
+neighbours. Chosen over a shard-local order with a shuffle buffer because the plan stays a global
+permutation: any step is an exact resume point with no buffer state to checkpoint, and the mix is not
+limited to what a buffer holds. Measured by `bench/train_reads.py` (docs/bench_train.md): 40 shards vs 2
+shards holding the same rows, and the old whole-file read side by side.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +149,26 @@ def shard_row_counts(files: list[Path]) -> list[int]:
     return [pq.ParquetFile(f).metadata.num_rows for f in files]
 
 
+def data_fingerprint(files: list[Path], counts: list[int]) -> list[list]:
+    """[file name, bytes, rows] per shard in plan order: what a data position (a plan row id) depends on."""
+    return [[Path(f).name, Path(f).stat().st_size, int(n)] for f, n in zip(files, counts)]
+
+
+def fingerprint_change(old: list | None, new: list[list]) -> str:
+    """"" when the data set is the one `old` describes (or `old` predates fingerprints), else what changed."""
+    if old is None:
+        return ""
+    old, new = [list(x) for x in old], [list(x) for x in new]
+    if old == new:
+        return ""
+    if [x[0] for x in old] != [x[0] for x in new]:
+        gone = sorted({x[0] for x in old} - {x[0] for x in new})
+        added = sorted({x[0] for x in new} - {x[0] for x in old})
+        return f"shards removed: {gone[:3]}, added: {added[:3]}" if gone or added else "shard order changed"
+    f, a, b = next((o[0], o, n) for o, n in zip(old, new) if o != n)
+    return f"{f}: {a[1]} bytes / {a[2]} rows at the checkpoint, now {b[1]} bytes / {b[2]} rows"
+
+
 def make_plan(num_rows: int, world_size: int, accum: int, total_steps: int, seed: int) -> np.ndarray:
     """Global row ids, shape (world_size, total_steps * accum): epoch permutations laid end to end."""
     if num_rows <= 0:
@@ -153,9 +181,30 @@ def make_plan(num_rows: int, world_size: int, accum: int, total_steps: int, seed
     return order.reshape(total_steps * accum, world_size).T.copy()
 
 
+@lru_cache(maxsize=4096)
+def _shard_footer(path: str, mtime_ns: int, size: int) -> tuple[pq.FileMetaData, np.ndarray]:
+    """A shard's Parquet footer and the first row of each row group (read once per worker process and file
+    version: keyed by mtime and size, so a rewritten shard is never read with a stale footer)."""
+    meta = pq.read_metadata(path)
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return meta, np.cumsum([0, *sizes])
+
+
 @lru_cache(maxsize=2)
-def _read_shard(path: str) -> pa.Table:
-    return pq.read_table(path, columns=list(PACK_COLUMNS))
+def _read_row_group(path: str, version: tuple[int, int], group: int) -> pa.Table:
+    # 2 groups kept: shards written before one-row groups (a whole file per group) still read each file once
+    # per run of consecutive rows, as the old whole-file cache did
+    meta, _ = _shard_footer(path, *version)
+    return pq.ParquetFile(path, metadata=meta).read_row_group(group, columns=list(PACK_COLUMNS))
+
+
+def read_row(path: str, index: int) -> dict:
+    """Row `index` of one shard, reading only the row group that holds it."""
+    st = os.stat(path)
+    version = (st.st_mtime_ns, st.st_size)
+    _, starts = _shard_footer(path, *version)
+    g = int(np.searchsorted(starts, index, side="right")) - 1
+    return _read_row_group(path, version, g).slice(int(index - starts[g]), 1).to_pylist()[0]
 
 
 def read_rows(files: list[str], counts: list[int], rows: list[int]) -> dict[str, list]:
@@ -164,7 +213,7 @@ def read_rows(files: list[str], counts: list[int], rows: list[int]) -> dict[str,
     out: dict[str, list] = {k: [] for k in PACK_COLUMNS}
     for r in rows:
         f = int(np.searchsorted(starts, r, side="right")) - 1
-        rec = _read_shard(str(files[f])).slice(int(r - starts[f]), 1).to_pylist()[0]
+        rec = read_row(str(files[f]), int(r - starts[f]))
         for k in PACK_COLUMNS:
             out[k].append(rec[k])
     return out

@@ -15,7 +15,15 @@ import os
 from pathlib import Path
 
 from train.checkpoint import latest_checkpoint, load_trainer_state
-from train.data import fetch_and_prepare, list_shards, make_plan, plan_items, shard_row_counts
+from train.data import (
+    data_fingerprint,
+    fetch_and_prepare,
+    fingerprint_change,
+    list_shards,
+    make_plan,
+    plan_items,
+    shard_row_counts,
+)
 from train.loop import TrainJob, job_dict, run_local, train_worker
 from train.stages import load_stage_config
 
@@ -39,6 +47,7 @@ def plan_job(
         cfg = load_stage_config(stage, config, max_steps=max_steps)
     files = list_shards(data)
     counts = shard_row_counts(files)
+    fingerprint = data_fingerprint(files, counts)
     rows = sum(counts)
     per_step = workers * cfg.grad_accum
     total = cfg.max_steps or max(1, math.floor(cfg.epochs * rows / per_step))
@@ -56,6 +65,9 @@ def plan_job(
                 f"{pos['micro_batches_per_rank'] // max(1, start)} micro-batches per step; resume with the same "
                 "workers and grad_accum to keep the data order"
             )
+        change = fingerprint_change(pos.get("fingerprint"), fingerprint)
+        if change:  # the plan is a permutation of row ids: other shards would silently mean other rows
+            raise ValueError(f"cannot resume {resume_from}: the packed data in {data} changed ({change})")
     if resume_from and start >= total:
         raise ValueError(f"{resume_from} is already at step {start} of {total}: nothing to resume")
     return TrainJob(
@@ -71,6 +83,7 @@ def plan_job(
         resume_from=str(resume_from) if resume_from else None,
         use_gpu=use_gpu,
         stop_at_step=stop_at_step,
+        fingerprint=fingerprint,
     )
 
 

@@ -3,12 +3,16 @@
 `train_worker(config)` is the Ray Train entry (`TorchTrainer(train_loop_per_worker=train_worker)`);
 `run_local(job)` runs the same loop in one process without Ray (CPU or GPU; how the benchmark runs it).
 One micro-batch is one packed row (InternVL 2.5: one packed row per GPU); `grad_accum` rows per step.
+Parameters are fp32 master weights whatever the checkpoint's dtype, computed in bf16 under autocast on GPU
+(InternVL trains bf16 with fp32 masters); a step whose loss denominator is 0 or whose gradients are not
+finite is skipped and counted (`skipped_steps`), never applied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +26,7 @@ from model.build import build_model, from_checkpoint, load_tokenizer
 from train import attention as A
 from train.checkpoint import (
     full_state_dict,
+    load_master_weights,
     load_optimizer_state,
     load_trainer_state,
     optimizer_state,
@@ -31,8 +36,9 @@ from train.checkpoint import (
 )
 from train.data import iterate_local, plan_items, to_device
 from train.loss import PackedLoss, global_denominator, shift_targets, token_weights
-from train.stages import StageConfig, apply_stage, build_optimizer, build_scheduler
+from train.stages import StageConfig, apply_stage, build_optimizer, build_scheduler, set_grad_checkpointing
 
+logger = logging.getLogger("ivl.train")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}  # dense
 
 
@@ -52,6 +58,7 @@ class TrainJob:
     resume_from: str | None = None  # checkpoint dir to continue from
     use_gpu: bool = False
     stop_at_step: int | None = None  # stop (checkpointed) after this step, as an interruption would
+    fingerprint: list = field(default_factory=list)  # [file name, bytes, rows] per shard; resume checks it
     extra: dict = field(default_factory=dict)
 
 
@@ -94,42 +101,96 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def setup_model(job: TrainJob, cfg: StageConfig, device: torch.device):
-    """Model (from the resume checkpoint, a checkpoint dir or a preset) with the stage applied."""
+def load_full_model(job: TrainJob):
+    """The whole model on CPU in fp32 (master weights, whatever dtype the checkpoint holds), and its tokenizer."""
     if job.resume_from:
-        model, tok = from_checkpoint(job.resume_from), load_tokenizer(job.resume_from)
+        model, tok = from_checkpoint(job.resume_from, dtype=torch.float32), load_tokenizer(job.resume_from)
+        load_master_weights(job.resume_from, model)  # the exact fp32 weights, not the saved bf16 rounding
     else:
-        model, tok = build_model(job.model, data_dir=job.data, seed=cfg.seed)
+        model, tok = build_model(job.model, data_dir=job.data, seed=StageConfig(**job.stage).seed)
+    return model.float(), tok  # build_model loads a checkpoint in its own dtype (bf16 for -hf ones)
+
+
+def prepare_model(model, cfg: StageConfig, device: torch.device) -> None:
+    """Stage freezing and drop path, the packed attention path, activation checkpointing."""
     apply_stage(model, cfg)
     mode = A.default_mode(device) if cfg.attention == "auto" else cfg.attention
     A.set_packed_attention(model, mode)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_grad_checkpointing(model, cfg)
+
+
+def setup_model(job: TrainJob, cfg: StageConfig, device: torch.device):
+    """Unsharded: the fp32 model with the stage applied, on `device`."""
+    model, tok = load_full_model(job)
+    prepare_model(model, cfg, device)
     model.to(device).train()
     return model, tok
 
 
-def wrap_parallel(model, cfg: StageConfig, device: torch.device) -> torch.nn.Module:
-    """PackedLoss(model), under DDP (default) or FSDP2 when running distributed."""
-    step_module = PackedLoss(model, cfg.ce_chunk)
-    _, world = _dist()
-    if world == 1:
-        return step_module
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def sharded_layers(model) -> list[torch.nn.Module]:
+    """FSDP2 units: every ViT and LLM layer; the rest (embeddings, projector, norms, head) is the root unit."""
+    return [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]
 
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if device.type == "cuda"
-            else None
-        )
-        kw = {"mp_policy": mp} if mp else {}
-        for layer in [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]:
-            fully_shard(layer, **kw)
-        fully_shard(step_module, **kw)
-        return step_module
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
+
+def setup_sharded(job: TrainJob, cfg: StageConfig, device: torch.device):
+    """FSDP2 without ever holding the full model on the device: every rank builds the model on the meta
+    device, shards it, allocates only its shards (`to_empty`), and rank 0 -- the only one that reads the
+    weights -- broadcasts them shard by shard (torchtitan/torchtune's meta-device init). Non-persistent
+    buffers (RoPE inv_freq) are not in the state dict: rank 0 broadcasts them too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    rank, _ = _dist()
+    full, tok = load_full_model(job) if rank == 0 else (None, None)
+    box = [full.config.to_dict() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(InternVLConfig.from_dict(box[0])).float()
+    prepare_model(model, cfg, device)
+    step_module = PackedLoss(model, cfg.ce_chunk)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if device.type == "cuda" and cfg.bf16 else {}
+    for layer in sharded_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(step_module, **kw)
+    step_module.to_empty(device=device)
+    model.tie_weights()  # to_empty re-creates parameters: tie the LM head to the embeddings again
+    set_model_state_dict(
+        model,
+        full.state_dict() if rank == 0 else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    src = dict(full.named_buffers()) if rank == 0 else {}
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if rank == 0:
+                buf.copy_(src[name])
+            dist.broadcast(buf, src=0)
+    del full, src
+    model.train()
+    return model, step_module, tok
+
+
+def setup_training(job: TrainJob, cfg: StageConfig, device: torch.device):
+    """(model, step module, tokenizer): PackedLoss(model), under DDP or FSDP2 when running distributed."""
+    _, world = _dist()
+    if world > 1 and cfg.fsdp:
+        return setup_sharded(job, cfg, device)
+    model, tok = setup_model(job, cfg, device)
+    step_module = PackedLoss(model, cfg.ce_chunk)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
+    return model, step_module, tok
+
+
+def local_param_numel(model) -> int:
+    """Parameter elements this rank holds (its FSDP2 shards, or the whole model)."""
+    return sum(
+        (p.to_local() if type(p).__name__ == "DTensor" else p).numel()
+        for p in {id(p): p for p in unwrap(model).parameters()}.values()
+    )
 
 
 # ---------------------------------------------------------------- the loop
@@ -184,26 +245,47 @@ def _gather(obj) -> list:
     return out
 
 
-def train_step(step_module, micro: list[dict], cfg: StageConfig, optimizer, scheduler, params, autocast):
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    weights: list[torch.Tensor]
+    skipped: str = ""  # why the update was not applied ("" = applied)
+
+
+def train_step(
+    step_module, micro: list[dict], cfg: StageConfig, optimizer, scheduler, params, autocast
+) -> StepResult:
     """One optimizer step over `micro` (prepared rows on the device): global-denominator weighted loss,
-    backward per row (DDP syncs on the last), clip, AdamW, LR schedule. Returns (loss, grad_norm, lr, weights)."""
+    backward per row (DDP syncs on the last), clip, AdamW, LR schedule.
+
+    Never applies a NaN update: a window whose global denominator is 0 (no supervised token on any rank)
+    runs no forward at all, and non-finite gradients (the global norm, so every rank agrees) are dropped
+    before AdamW sees them. The schedule still advances: a step number stays a data position."""
     device = micro[0]["input_ids"].device
     targets = [shift_targets(b["labels"], b["cu_seqlens"]) for b in micro]
     weights = [token_weights(t, b["cu_seqlens"], cfg.loss_averaging) for t, b in zip(targets, micro)]
     denom = global_denominator(sum(w.sum() for w in weights), device).to(device)
-    loss_sum = torch.zeros((), device=device)
-    for i, (b, t, w) in enumerate(zip(micro, targets, weights)):
-        sync = i == len(micro) - 1 or not hasattr(step_module, "no_sync")
-        with contextlib.nullcontext() if sync else step_module.no_sync(), autocast:
-            loss = step_module(b, t, w) / denom
-        loss.backward()
-        loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    optimizer.step()
     lr = scheduler.get_last_lr()[0]
+    skipped, loss_sum, grad_norm = "", torch.zeros((), device=device), torch.zeros(())
+    if float(denom) == 0.0:
+        skipped = "no supervised tokens"  # same on every rank: the denominator is all-reduced
+    else:
+        for i, (b, t, w) in enumerate(zip(micro, targets, weights)):
+            sync = i == len(micro) - 1 or not hasattr(step_module, "no_sync")
+            with contextlib.nullcontext() if sync else step_module.no_sync(), autocast:
+                loss = step_module(b, t, w) / denom
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            skipped = "non-finite gradients"
+        else:
+            optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss_sum), float(grad_norm), lr, weights
+    return StepResult(float(loss_sum), float(grad_norm), lr, weights, skipped)
 
 
 def train(
@@ -216,8 +298,7 @@ def train(
     cfg = StageConfig(**job.stage)
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
-    model, tok = setup_model(job, cfg, device)
-    step_module = wrap_parallel(model, cfg, device)
+    model, step_module, tok = setup_training(job, cfg, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, job.total_steps)
     start = 0
@@ -236,15 +317,18 @@ def train(
     )
     params = [p for p in model.parameters() if p.requires_grad]
     it = batches(start * cfg.grad_accum)
-    last_ckpt, rec = None, {}
+    last_ckpt, rec, skipped_steps = None, {}, 0
     end = job.total_steps if job.stop_at_step is None else min(job.total_steps, job.stop_at_step)
     for step in range(start, end):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # drop path draws, same on resume
         micro = [to_device(next(it), device) for _ in range(cfg.grad_accum)]
-        loss_sum, grad_norm, lr, weights = train_step(
-            step_module, micro, cfg, optimizer, scheduler, params, autocast
-        )
+        res = train_step(step_module, micro, cfg, optimizer, scheduler, params, autocast)
+        loss_sum, grad_norm, lr, weights = res.loss, res.grad_norm, res.lr, res.weights
+        if res.skipped:
+            skipped_steps += 1
+            if rank == 0:
+                logger.warning("step %d skipped (%s): %s", step + 1, res.skipped, [b["sample_ids"] for b in micro])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -268,6 +352,8 @@ def train(
             "samples_per_s": g_samp / g_dt,
             "padding_fraction": 1.0 - g_tok / (world * cfg.grad_accum * cfg.context_length),
             "step_time_s": g_dt,
+            "skipped": res.skipped,
+            "skipped_steps": skipped_steps,
             "plan_index": [i for r in _gather([b["plan_index"] for b in micro]) for i in r],
             "sample_ids": [s for r in _gather([s for b in micro for s in b["sample_ids"]]) for s in r],
         }
@@ -290,8 +376,10 @@ def train(
                         "step": step + 1,
                         "micro_batches_per_rank": (step + 1) * cfg.grad_accum,
                         "world_size": world,
+                        "fingerprint": job.fingerprint,
                     },
                     state_dict=sd,
+                    dtype=cfg.save_dtype,
                 )
                 last_ckpt = ckpt
             if world > 1:
@@ -307,6 +395,7 @@ def train(
         "total_steps": job.total_steps,
         "finished": finished,
         "final_loss": rec.get("loss"),
+        "skipped_steps": skipped_steps,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "out": str(out),
     }

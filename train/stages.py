@@ -42,11 +42,17 @@ class StageConfig(BaseModel):
     max_steps: int | None = Field(None, description="optimizer steps; overrides epochs")
     save_every: int = Field(0, description="checkpoint every N steps (0 = only at the end)")
     log_every: int = Field(1, description="write metrics every N steps")
-    grad_checkpointing: bool = Field(False, description="activation checkpointing in ViT and LLM (paper: on)")
+    grad_checkpointing: bool = Field(
+        True, description="activation checkpointing: ViT always, the LLM where checkpoint_llm (InternVL: on)"
+    )
+    checkpoint_llm: bool = Field(True, description="also checkpoint the LLM layers (stages 1.5 and 2)")
     attention: Literal["auto", "ivl_varlen", "sdpa", "eager"] = Field(
         "auto", description="packed attention path"
     )
-    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU); parameters stay fp32")
+    save_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the saved model weights (InternVL saves bf16)"
+    )
     ce_chunk: int = Field(2048, description="rows of logits per cross-entropy chunk")
     seed: int = Field(0, description="seed for init, data order and augmentation")
     fsdp: bool = Field(False, description="shard with FSDP2 instead of DDP (models that do not fit one GPU)")
@@ -54,10 +60,9 @@ class StageConfig(BaseModel):
 
 # InternVL 2.5 Table 3 and the public stage scripts (internvl_chat/shell/internvl2.5/*).
 PRESETS: dict[str, dict] = {
-    "1": dict(trainable=["projector"], lr=2e-4, warmup_steps=100, drop_path=0.0),  # MLP warmup
-    "1.5": dict(
-        trainable=["vision", "projector"], lr=1e-5, warmup_ratio=0.03, drop_path=0.1
-    ),  # 0.4 for 6B ViT
+    "1": dict(trainable=["projector"], lr=2e-4, warmup_steps=100, drop_path=0.0, checkpoint_llm=False),
+    # stage 1.5: 100 warmup steps as internvl2.5 stage1.5 script; drop path 0.4 for the 6B ViT
+    "1.5": dict(trainable=["vision", "projector"], lr=1e-5, warmup_steps=100, drop_path=0.1),
     "2": dict(trainable=["vision", "projector", "llm"], lr=4e-5, warmup_ratio=0.03, drop_path=0.1),  # <= 8B
 }
 
@@ -156,15 +161,47 @@ def warmup_steps(cfg: StageConfig, total_steps: int) -> int:
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup then cosine to min_ratio (HF get_cosine_schedule_with_warmup, as InternVL uses)."""
+    """Linear warmup from 0, then cosine to min_ratio: HF `get_cosine_schedule_with_warmup` (min_ratio 0) /
+    `get_cosine_with_min_lr_schedule_with_warmup`, step for step, as InternVL's HF Trainer runs it."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / max(1, warmup)
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def build_scheduler(optimizer, cfg: StageConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warm = min(warmup_steps(cfg, total_steps), total_steps)
+    warm = warmup_steps(cfg, total_steps)  # not clamped to total_steps: HF does not clamp either
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warm, cfg.min_lr_ratio)
     )
+
+
+def set_grad_checkpointing(model, cfg: StageConfig) -> dict[str, bool]:
+    """Activation checkpointing as InternVL 2.5 runs it (`--grad_checkpoint True` in every script): the
+    ViT always, the LLM in stages that checkpoint it; `grad_checkpointing: false` turns both off.
+    Non-reentrant, so frozen inputs and drop-path RNG replay are handled. Returns what is on."""
+    core = model.model
+    on = {
+        "vision": cfg.grad_checkpointing,
+        "llm": cfg.grad_checkpointing and cfg.checkpoint_llm,
+    }
+    for part, tower in (("vision", core.vision_tower), ("llm", core.language_model)):
+        new = hasattr(tower, "activation_checkpointing_enable")  # transformers >= 5.2x renamed it
+        if on[part] and new:
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif on[part]:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif new:
+            tower.activation_checkpointing_disable()
+        else:
+            tower.gradient_checkpointing_disable()
+    return on
+
+
+def grad_checkpointing_state(model) -> dict[str, bool]:
+    """Which towers have checkpointed layers (for tests and the run log)."""
+    core = model.model
+    return {
+        part: any(getattr(m, "gradient_checkpointing", False) for m in tower.modules())
+        for part, tower in (("vision", core.vision_tower), ("llm", core.language_model))
+    }
