@@ -300,6 +300,29 @@ def test_remote_images_rejected_unless_configured(tmp_path, imgs, monkeypatch):
         server.stop()
 
 
+def test_https_images_through_fsspec(tmp_path, imgs):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.png").write_bytes(imgs[2])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        write_jsonl(tmp_path / "h.jsonl", [{"image": f"{base}/a.png", "conversations": conv()},
+                                           {"image": f"{base}/gone.png", "conversations": conv()}])
+        kept, rejected = read_all([str(tmp_path / "h.jsonl")], remote_images=True)
+        assert [r["images"] for r in kept] == [[imgs[2]]]
+        assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
+        assert json.loads(rejected[0]["meta"])["uri"] == f"{base}/gone.png"
+    finally:
+        server.shutdown()
+
+
 def test_forced_input_format(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": "Hi?"},
                                                      {"role": "assistant", "content": "Hello."}]}])
