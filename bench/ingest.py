@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Ingest throughput: `ivl ingest` (Ray Data, embedded local Ray) vs a plain single-process loop that
 reads the same JSONL and images, decodes each image (the same validity check ivl makes) and writes
-Parquet with pyarrow. Same machine, same run. Usage: .venv/bin/python bench/ingest.py [--n 10000]"""
+Parquet with pyarrow. Same machine, same run. Usage: .venv/bin/python bench/ingest.py [--n 10000]
+
+`--json-array N`: peak memory reading a LLaVA-style JSON array of N records (llava_v1_5_mix665k.json has
+665k): `json.load` of the whole file (what a plain loader does) against ivl's span scan + per-element
+parse, each in its own process, memory above the process's own imports."""
 
 from __future__ import annotations
 
@@ -69,10 +73,68 @@ def plain_loop(d: str, out: str, rows_per_shard: int = 1000) -> int:
     return n
 
 
+def make_json_array(path: str, n: int) -> int:
+    """n LLaVA-style records (id, image path, 2-4 turns of the sample's captions), written as one JSON array."""
+    caps = [json.loads(x)["conversations"][1]["value"] for x in open(f"{ROOT}/data/sample/tuxpaint_caption.jsonl")]
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i in range(n):
+            turns = [{"from": "human", "value": f"Question {i}: what does the picture show, in detail?"},
+                     {"from": "gpt", "value": " ".join(caps[(i + k) % len(caps)] for k in range(8))}]
+            turns += turns if i % 2 else []
+            f.write(("" if i == 0 else ",\n") + json.dumps({"id": f"{i:012d}", "conversations": turns}))
+        f.write("\n]\n")
+    return os.path.getsize(path)
+
+
+PEAK = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+def rss():  # VmHWM: this process's peak resident memory (ru_maxrss would carry the parent's over exec)
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
+if {ivl}:
+    from pipeline.readers import entries_from_sources, plan_tasks, read_task
+before = rss(); t = time.perf_counter()
+if {ivl}:
+    n = 0
+    for task in plan_tasks(entries_from_sources([{path!r}]), 1000):
+        kept, rejected = read_task(task)
+        n += len(kept) + len(rejected)
+else:
+    n = len([r["conversations"] for r in json.load(open({path!r}))])
+print(json.dumps({{"rows": n, "peak_mb": rss() - before, "seconds": time.perf_counter() - t}}))
+"""
+
+
+def bench_json_array(n: int) -> None:
+    import subprocess
+    import sys
+
+    tmp = tempfile.mkdtemp(prefix="bench-jsonarray-")
+    path = f"{tmp}/llava.json"
+    size = make_json_array(path, n) / 2**20
+    res = {}
+    for name, ivl in (("json.load", False), ("ivl", True)):
+        out = subprocess.run([sys.executable, "-c", PEAK.format(root=ROOT, ivl=ivl, path=path)], capture_output=True,
+                             text=True, check=True).stdout
+        res[name] = json.loads(out.strip().splitlines()[-1])
+        assert res[name]["rows"] == n, res
+    print(f"records: {n}, file: {size:.0f} MiB, cores: {os.cpu_count()}, load avg: {os.getloadavg()[0]:.1f}")
+    for name, r in res.items():
+        print(f"{name:10s}: peak memory above imports {r['peak_mb']:7.0f} MiB ({r['peak_mb'] / size:.2f}x the file), "
+              f"{r['seconds']:.1f} s, {n / r['seconds']:.0f} records/s")
+    print(f"ratio json.load / ivl peak memory: {res['json.load']['peak_mb'] / max(res['ivl']['peak_mb'], 1):.1f}x")
+    shutil.rmtree(tmp)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--json-array", type=int, default=None, help="records of the JSON-array memory bench")
     a = ap.parse_args()
+    if a.json_array:
+        bench_json_array(a.json_array)
+        return
     tmp = tempfile.mkdtemp(prefix="bench-ingest-")
     meta, nbytes = make_dataset(f"{tmp}/src", a.n)
     mb = nbytes / 1e6
