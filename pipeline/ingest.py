@@ -8,7 +8,6 @@ from the reader and refusing to commit if a row went missing; the report is merg
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +16,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from pipeline.io import DEFAULT_ROWS_PER_SHARD, read_marker, write_parquet_atomic, write_shards
+from pipeline.io import (
+    DEFAULT_ROWS_PER_SHARD,
+    exists,
+    join,
+    open_input,
+    read_marker,
+    relpath,
+    write_parquet_atomic,
+    write_shards,
+)
 from pipeline.jobs import AccountingError, Marker, check_accounting, commit, merge
 from pipeline.readers import (
     count_input,
@@ -59,9 +67,9 @@ def ingest_task(task: dict, out_dir: str, fmt: str, rows_per_shard: int) -> dict
         raise AccountingError(f"ingest unit {task['key']} ({task['entry']['path']}): {expected} input rows counted "
                               f"from the file but the reader returned {len(kept)} kept + {len(rejected)} rejected")
     k_table, r_table = rows_to_tables(kept, rejected)
-    files = write_shards(k_table, os.path.join(out_dir, "kept"), task["key"], fmt, rows_per_shard)
-    files += write_shards(r_table, os.path.join(out_dir, "rejected"), task["key"], fmt, rows_per_shard)
-    m = Marker(key=task["key"], input=expected, files=[os.path.relpath(f, out_dir) for f in files])
+    files = write_shards(k_table, join(out_dir, "kept"), task["key"], fmt, rows_per_shard)
+    files += write_shards(r_table, join(out_dir, "rejected"), task["key"], fmt, rows_per_shard)
+    m = Marker(key=task["key"], input=expected, files=[relpath(f, out_dir) for f in files])
     m.add_rows("kept", (r["source"] for r in kept))
     m.add_rows("rejected", (r["source"] for r in rejected), (r["reject_reason"] for r in rejected))
     m.extra = _unit_notes(task, kept + rejected, out_dir)
@@ -81,7 +89,7 @@ def _unit_notes(task: dict, rows: list[dict], out_dir: str) -> dict:
             hashes.append(xxhash.xxh64_intdigest(json.dumps(orig, sort_keys=True).encode()))
     if hashes:
         table = pa.table({"source": sources, "h": pa.array(hashes, pa.uint64())})
-        write_parquet_atomic(table, os.path.join(out_dir, "_ids", f"{task['key']}.parquet"))
+        write_parquet_atomic(table, join(out_dir, "_ids", f"{task['key']}.parquet"))
     expected = img2dataset_expected(task["entry"].get("stats"))
     if expected is not None:
         notes["img2dataset_successes"] = {task["entry"]["path"]: expected}
@@ -91,10 +99,10 @@ def _unit_notes(task: dict, rows: list[dict], out_dir: str) -> dict:
 def find_duplicate_ids(out_dir: str, keys: list[str]) -> dict[str, int]:
     """Rows per source whose source id another row of the same source already has, from the key rows only
     (source, 8-byte hash): pyarrow's hash group-by, a few MB for millions of rows."""
-    files = [f for f in (os.path.join(out_dir, "_ids", f"{k}.parquet") for k in keys) if os.path.exists(f)]
+    files = [f for f in (join(out_dir, "_ids", f"{k}.parquet") for k in keys) if exists(f)]
     if not files:
         return {}
-    ids = pa.concat_tables(pq.read_table(f) for f in files)
+    ids = pa.concat_tables(pq.read_table(open_input(f)) for f in files)
     counts = ids.group_by(["source", "h"]).aggregate([("h", "count")])
     extra = pc.subtract(counts["h_count"], 1)
     per_source = pa.table({"source": counts["source"], "extra": extra}).group_by("source").aggregate([("extra", "sum")])
@@ -131,7 +139,7 @@ def run_ingest(sources: list[str] | IngestPlan, out_dir: str, fmt: str = "parque
     summary.update(_merge_notes(out_dir, markers, tasks))
     summary.update(format=fmt, shards=len(tasks), resumed_shards=len(tasks) - len(todo), skipped_files=plan.skipped,
                    seconds=round(time.time() - t0, 2))
-    bar_chart(summary["reasons"], os.path.join(out_dir, "report", "rejected_by_reason.png"), "ingest: rejected rows by reason")
+    bar_chart(summary["reasons"], join(out_dir, "report", "rejected_by_reason.png"), "ingest: rejected rows by reason")
     write_summary(out_dir, summary)
     return summary
 

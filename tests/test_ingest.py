@@ -165,10 +165,16 @@ def test_mixed_layouts_job_accounts_and_flags_duplicate_source_ids(ray_local, tm
         for i in range(11):
             sink.write({"__key__": f"k{i:02d}", "png": img, "json": json.dumps({"conversations": conv()}).encode()})
     (d / "dataset_info.json").write_text("{}")
+    from test_layouts import write_img2dataset
+
+    write_img2dataset(d / "laion", [img] * 3, ["a hen", "a hen again", "a third hen"])
+    (d / "laion" / "00000_stats.json").write_text(json.dumps({"successes": 4}))  # img2dataset says 4, the tar has 3
     s = run_ingest([str(d)], str(tmp_path / "out"), rows_per_shard=2)
-    assert s["input"] == 2 + 1 + 3 + 11 == s["kept"] + s["rejected"] and s["rejected"] == 1
+    assert s["input"] == 2 + 1 + 3 + 11 + 3 == s["kept"] + s["rejected"] and s["rejected"] == 1
     assert s["sources"]["mixed/sub"]["input"] == 12 and s["sources"]["mixed"]["input"] == 5
+    assert s["sources"]["mixed/laion"]["kept"] == 3
+    assert list(s["img2dataset_stats_mismatch"].values()) == [{"stats_successes": 4, "tar_samples": 3}]
     assert s["duplicate_source_ids"] == {"mixed": 2}  # "x" three times in arr.json, across two units; id 7 once per source
-    assert [f["file"].endswith("dataset_info.json") for f in s["skipped_files"]] == [True]
+    assert sorted(os.path.basename(f["file"]) for f in s["skipped_files"]) == ["00000.parquet", "dataset_info.json"]
     rows = read_rows(tmp_path / "out" / "kept") + read_rows(tmp_path / "out" / "rejected")
-    assert len({r["id"] for r in rows}) == 17
+    assert len({r["id"] for r in rows}) == 20
