@@ -98,6 +98,13 @@ def cmd_train(a) -> None:
     print(f"trained: {json.dumps(s, default=str)[:300]}\ncheckpoint: {a.out}")
 
 
+def cmd_convert(a) -> None:
+    from model.convert import convert_checkpoint
+
+    out = convert_checkpoint(a.src, a.dst, a.from_format, a.to_format)
+    print(f"converted {a.src} ({a.from_format}) -> {out} ({a.to_format})")
+
+
 def cmd_fasttext_train(a) -> None:
     from operators.fasttext_ops import label_rows_from_dirs, train_quality_classifier
 
@@ -258,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     _add_common(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("convert", help="checkpoint layouts: OpenGVLab InternVLChatModel <-> HF InternVL")
+    p.add_argument("--from", dest="from_format", required=True, choices=["opengvlab", "hf"])
+    p.add_argument("--to", dest="to_format", required=True, choices=["hf", "opengvlab"])
+    p.add_argument("src", metavar="IN", help="checkpoint folder in the --from layout")
+    p.add_argument("dst", metavar="OUT", help="folder to write in the --to layout")
+    p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("fasttext-train", help="train a fastText quality classifier from labelled shards")
     p.add_argument("--in", dest="inp", required=True, help="a curate OUT (kept vs rejected) or shards")

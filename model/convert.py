@@ -424,14 +424,16 @@ def convert_checkpoint(src: str | Path, dst: str | Path, src_format: str, dst_fo
     if not cfg_path.exists():
         raise FileNotFoundError(f"{src} has no config.json")
     raw = json.loads(cfg_path.read_text())
+    if src_format == "opengvlab" and "llm_config" not in raw:
+        raise ValueError(f"{cfg_path} is not an InternVLChatModel config (no llm_config)")
+    if src_format == "hf" and raw.get("model_type") != "internvl":
+        raise ValueError(f"{cfg_path} is not an InternVL HF config (model_type {raw.get('model_type')!r})")
     sd = read_state_dict(src, dtype=None)
     dst.mkdir(parents=True, exist_ok=True)
     for f in _SIDE_FILES:
         if (src / f).exists():
             shutil.copy2(src / f, dst / f)
     if src_format == "opengvlab":
-        if "llm_config" not in raw:
-            raise ValueError(f"{cfg_path} is not an InternVLChatModel config (no llm_config)")
         out, config = opengvlab_to_hf(sd, raw, _image_token_id(src))
         config.save_pretrained(str(dst))
         _save_safetensors(out, dst / "model.safetensors")
@@ -439,8 +441,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, src_format: str, dst_fo
 
         save_processor(dst)
     else:
-        if raw.get("model_type") != "internvl":
-            raise ValueError(f"{cfg_path} is not an InternVL HF config (model_type {raw.get('model_type')!r})")
         from transformers import AutoConfig
 
         out, chat = hf_to_opengvlab(sd, AutoConfig.from_pretrained(str(src)))
