@@ -1,36 +1,53 @@
-"""`ivl pack`: canonical shards -> packed training sequences (InternVL 2.5 §4.2), as a Ray Data job.
+"""`ivl pack`: canonical shards -> packed training sequences (InternVL 2.5 §4.2), as parallel Ray tasks.
 
-    1. tokenize: input shard i (one Ray actor call per file; the tokenizer loads once per worker)
-       -> token columns + tile counts + reject_reason -> OUT/_tokens/<i>.parquet, then the marker
-       OUT/_done/pack-tokens-<i>.json. Only the token columns are cached, never the image bytes.
-    2. pack on the driver: for each input shard in order, its rows (re-read, images included) joined
-       with its cached token columns -> Select -> Search -> Pack -> Maintain
-       -> OUT/kept/pack-00000.parquet ... (PACKED_SCHEMA), OUT/rejected/rejected-00000.parquet ...
+Partitions. The input shards (sorted) are cut into partitions of consecutive shards: a partition
+closes once it holds `partition_bytes` of input files (default 8 MiB; sizes come from a stat, so the
+layout is a pure function of the inputs, never of the cluster). Then:
 
-Resume. A killed job rerun with the same arguments skips every input shard whose marker exists
-and tokenizes the rest; step 2 always runs in full from the cache. The cache is the only state
-kept between runs, and step 2 is a pure function of it (the same rows in the same order, a seeded
-selection, a deterministic packer, output files cut every `rows_per_shard` rows whatever the read
-batching), so the rerun rewrites kept/ and rejected/ byte for byte as an uninterrupted run would,
-and deletes higher-numbered files left by an earlier, longer run. Why not checkpoint the packer at
-each output shard instead: its state (open buffers, the reserve, buffer ids, a split sample's
-pending pieces, the rejected rows not yet written, the fill histogram) is large and intricate, and
-tokenizing is the slow part (image headers + the chat template), while the packer runs at ~1M samples/s
-(docs/bench_packing.md).
-The cache depends on the tokenizer (hash of its saved files), the system prompt, both budgets
-(they decide what is rejected), `verify_images` and the input files (path, size, mtime); a rerun
-where any of these changed logs one line naming them and tokenizes from scratch. The packing
-arguments (mode, seed, buffer size, rows per shard) are not in it: step 2 reruns with whatever
-they are now, so a changed seed reuses the tokens and gives exactly a clean run's packs.
+1. `ivl-pack:partition`, one Ray task per partition, all in parallel. For each of its shards in
+   order: read it once; tokenize it (or take its cached token columns, OUT/_tokens/<i>.parquet with
+   the marker pack-tokens-<i>); rows that cannot be packed -> OUT/rejected/rejected-<p>-<k>.parquet
+   with `reject_reason` (`pack:<rule>`); the rest -> Select -> Search -> Pack -> Maintain with the
+   partition's own bounded buffers -> OUT/kept/pack-<p>-<k>.parquet. At the end the open buffers and
+   the reserve are repacked first-fit decreasing (operators/packing/repack.py); the packs that reach
+   99% of a budget are written, the rest (a few per partition) go, as pieces, to OUT/_tail/<p>.parquet.
+   Its marker pack-part-<p> (counts, fill histogram, the files it wrote) is written last.
+2. `ivl-pack:tail`, one task: every partition's tail pieces, in partition order, repacked first-fit
+   decreasing -> OUT/kept/pack-tail-<k>.parquet, marker pack-tail. So a small dataset ends as close
+   to its lower bound as one whole-dataset repack would, and a large one pays at most a pack or two.
+   (One task: at 10^4 partitions it holds ~10^4 sparse packs' pieces; a tree of tail merges is the
+   next step past that.)
+3. The driver lists and stats the inputs, submits the tasks and merges their markers into
+   report/summary.json and report/pack_fill.png. It holds no rows and reads no image bytes.
 
-Memory on the driver is bounded by the packer (buffer_size open packs + a reserve of small text-only
-samples), one output shard and two input shards (one read ahead). Rows that cannot be packed go to
-OUT/rejected/ with `reject_reason` (`pack:<rule>`); every input row is either in a pack or rejected,
-and summary.json says how many.
+Select drops the pieces of a split sample that have no supervised token (InternVL's `check_valid`;
+a pack of them gives a loss denominator of 0), counted as `pieces_without_answer`; a row with no
+supervised token at all is rejected (`pack:no_answer`). Every input row is in a pack or rejected,
+and summary.json says how many (input counted from the rows read, not from kept + rejected).
+
+Packed shards have **one packed row per Parquet row group**, so training reads one packed row with
+`pq.ParquetFile(path).read_row_group(i)` without its neighbours (a row is ~16k tokens x 3 int32
+columns plus its images, 0.2-10 MB: large enough that per-group metadata is noise). Compression is
+LZ4 without dictionaries or statistics: on the Tux Paint bench 0.7x the CPU of zstd-with-images-raw
+at 0.6x its bytes (PNG stamps do compress). Files hold `rows_per_shard` packed rows each (the last one of a partition fewer).
+
+Resume. Every file is written under a deterministic name (temp file + rename), data first, marker
+last. A rerun with the same arguments skips the partitions whose marker exists (and within a rerun
+partition, the shards whose tokens are cached), reruns the tail, and deletes any file in kept/ or
+rejected/ that no marker names (a write cut short, an earlier, longer run), so it ends byte for byte
+as an uninterrupted run would. The token cache depends on the tokenizer (hash of its saved files),
+the system prompt, both budgets, `verify_images` and the input files (path, size, mtime); a change
+in any of these logs one line naming them and tokenizes from scratch. The partition markers also
+depend on the packing arguments (mode, seed, buffer size, rows per shard, partition layout): changed,
+every pack is made again from the cached tokens, exactly as a clean run makes them.
+
+Memory per partition task: its packer (buffer_size open packs + a reserve of small text-only
+samples), one input shard and at most 32 packed rows waiting to be written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -38,10 +55,10 @@ import logging
 import math
 import os
 import shutil
+import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -49,18 +66,21 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from model.tiling import count_tiles, max_tiles_per_image
-from model.tokenizer import INTERNVL_SYSTEM_PROMPT, load_tokenizer, render_batch
+from model.tokenizer import IGNORE_INDEX, INTERNVL_SYSTEM_PROMPT, load_tokenizer, render_batch
 from operators.packing import (
     PACKED_SCHEMA,
     Pack,
     Packer,
     Piece,
+    first_fit_decreasing,
     pack_stream,
     select_samples,
+    split_tail,
     unpackable_reason,
 )
 from operators.packing.format import packs_to_table
 from pipeline.io import (
+    atomic_write_bytes,
     list_input_shards,
     marker_path,
     read_canonical,
@@ -74,6 +94,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DYNAMIC_PATCH = 12  # InternVL 2.5 default per dataset, overridable in its meta entry
 DEFAULT_ROWS_PER_SHARD = 256  # packs per output file (~16k tokens each plus their images)
+DEFAULT_PARTITION_BYTES = 8 << 20  # input bytes per partition task: a few shards of images at least
+TAIL_FILL = 0.99  # an end-of-partition pack short of 99% of both budgets goes to the tail repack
+FILL_BINS = 50  # fixed bins of token fill per pack, merged across markers for the plot
+PACKS_PER_WRITE = 32  # packed rows built into Arrow at a time (bounded memory)
 TOKEN_COLUMNS = {
     "input_ids": pa.list_(pa.int32()),
     "labels": pa.list_(pa.int32()),
@@ -83,7 +107,7 @@ TOKEN_COLUMNS = {
     "image_augment": pa.list_(pa.bool_()),
     "reject_reason": pa.string(),  # "" when the row can be packed
 }
-CACHE_VERSION = 1  # bump when tokenize_table's output changes: old caches are then tokenized again
+CACHE_VERSION = 2  # bump when tokenize_table's output changes: old caches are then tokenized again
 
 
 # ---- tokenization and tile counting ----------------------------------------------------------------
@@ -97,13 +121,27 @@ def image_tiles(images: list[bytes], meta: dict, verify: bool = False) -> tuple[
     max_num = max_tiles_per_image(mdp, len(images))
     tiles = []
     for data in images:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if verify:
-                im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; still reads the whole stream
-                im.load()
-        tiles.append(count_tiles(w, h, max_num=max_num))
+        size = None if verify else png_size(data)
+        if size is None:
+            with Image.open(io.BytesIO(data)) as im:
+                size = im.size
+                if verify:
+                    im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; still reads the whole stream
+                    im.load()
+        tiles.append(count_tiles(*size, max_num=max_num))
     return tiles, [max_num] * len(images)
+
+
+_PNG_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (bytes 16-24, what PIL's header read returns), or None
+    for anything else: PIL's `Image.open` costs ~100 us per image, this ~1 us."""
+    if data[:16] != _PNG_IHDR or len(data) < 24:
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    return (w, h) if w and h else None
 
 
 def tokenize_table(
@@ -117,7 +155,8 @@ def tokenize_table(
     """Add TOKEN_COLUMNS to canonical rows (all input columns kept, so rejected rows go out whole).
 
     A row is rejected here when an image does not decode, its `<image>` placeholders do not match its
-    images, or one image block alone is over a budget (no cut can make it fit)."""
+    images, one image block alone is over a budget (no cut can make it fit), or it has no supervised
+    token (no answer to learn: a pack of such rows has a loss denominator of 0)."""
     convs = table.column("conversations").to_pylist()
     images = table.column("images").to_pylist()
     metas = table.column("meta").to_pylist()
@@ -151,11 +190,23 @@ def tokenize_table(
         ids, labels, spans = rendered.get(i, (empty, empty, []))
         if not reasons[i] and (why := unpackable_reason(spans, tiles[i], max_tokens, max_tiles)):
             reasons[i] = f"pack:{why}"
+        elif not reasons[i] and not np.any(labels != IGNORE_INDEX):
+            reasons[i] = "pack:no_answer"
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         cols["image_spans"].append([x for s in spans for x in s])
     cols.update(tiles_per_image=tiles, image_max_tiles=max_nums, image_augment=augment, reject_reason=reasons)
-    return _with_token_columns(table, {name: pa.array(cols[name], type=typ) for name, typ in TOKEN_COLUMNS.items()})
+    arrays = {name: _int32_lists(cols[name]) if name in ("input_ids", "labels") else pa.array(cols[name], type=typ)
+              for name, typ in TOKEN_COLUMNS.items()}
+    return _with_token_columns(table, arrays)
+
+
+def _int32_lists(rows: list[np.ndarray]) -> pa.Array:
+    """list<int32> from numpy rows by one concatenate (pa.array over the rows costs ~10% of tokenizing)."""
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _with_token_columns(table: pa.Table, columns) -> pa.Table:
@@ -167,7 +218,7 @@ def _with_token_columns(table: pa.Table, columns) -> pa.Table:
     return table
 
 
-# ---- step 1: tokenize each input shard once, durably (runs in Ray workers) -------------------------
+# ---- names and markers ----------------------------------------------------------------------------
 
 def tokens_path(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, "_tokens", f"{index:05d}.parquet")
@@ -177,54 +228,309 @@ def tokens_key(index: int) -> str:
     return f"pack-tokens-{index:05d}"
 
 
-class _TokenizeShards:
-    """Ray Data actor: loads the saved tokenizer once, then tokenizes whole input shards, writing
-    each one's token columns and then its marker (the marker is the commit: a file without one is
-    tokenized again)."""
+def part_key(index: int) -> str:
+    return f"pack-part-{index:05d}"
 
-    def __init__(self, tokenizer_dir: str, out_dir: str, fingerprint: str, batch_size: int, **kwargs):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one Ray worker = one core
-        from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.out_dir, self.fingerprint, self.batch_size, self.kwargs = out_dir, fingerprint, batch_size, kwargs
+def tail_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "_tail", f"{index:05d}.parquet")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist()):
-            table = read_canonical(path)
-            parts = [
-                tokenize_table(table.slice(k, self.batch_size), self.tok, **self.kwargs).select(["id", *TOKEN_COLUMNS])
-                for k in range(0, table.num_rows, self.batch_size)
-            ]
-            tokens = pa.concat_tables(parts) if parts else _empty_tokens()
-            write_parquet_atomic(tokens, tokens_path(self.out_dir, index))
-            write_marker(self.out_dir, tokens_key(index),
-                         {"file": path, "rows": tokens.num_rows, "fingerprint": self.fingerprint})
-            rows.append({"index": index, "rows": tokens.num_rows})
-        return pa.Table.from_pylist(rows, schema=pa.schema([("index", pa.int64()), ("rows", pa.int64())]))
+
+TAIL_KEY, PLAN_KEY = "pack-tail", "pack-plan"
 
 
 def _empty_tokens() -> pa.Table:
     return pa.schema([("id", pa.string()), *TOKEN_COLUMNS.items()]).empty_table()
 
 
-def _tokenize_shards(todo: list[tuple[int, str]], out_dir: str, tok_dir: str, fingerprint: str, batch_size: int,
-                     **kwargs) -> int:
-    """Tokenize the input shards `todo` [(index, path)] in an actor pool; returns the rows tokenized."""
-    import ray
+def plan_partitions(sizes: list[int], partition_bytes: int = DEFAULT_PARTITION_BYTES) -> list[list[int]]:
+    """Input shard indices grouped into partitions of consecutive shards, each closed once it holds
+    `partition_bytes` (a function of the file sizes only, so every rerun and cluster gets the same)."""
+    parts, current, total = [], [], 0
+    for i, size in enumerate(sizes):
+        current.append(i)
+        total += size
+        if total >= partition_bytes:
+            parts.append(current)
+            current, total = [], 0
+    if current:
+        parts.append(current)
+    return parts
 
-    workers = max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
-    ds = ray.data.from_items([{"index": i, "path": f} for i, f in todo], override_num_blocks=len(todo)).map_batches(
-        _TokenizeShards,
-        fn_constructor_kwargs={"tokenizer_dir": tok_dir, "out_dir": out_dir, "fingerprint": fingerprint,
-                               "batch_size": batch_size, **kwargs},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-    )
-    return sum(sum(b.column("rows").to_pylist()) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None))
 
+# ---- writing shards -------------------------------------------------------------------------------
+
+def write_parquet_fast(table: pa.Table, path: str) -> None:
+    """Job-internal files (token cache, tail pieces): LZ4, no dictionaries or statistics (3x less CPU
+    than zstd with dictionaries on token columns, bench/packing.py --e2e)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, use_dictionary=False, write_statistics=False, compression="lz4")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def write_packed(table: pa.Table, path: str) -> None:
+    """A packed shard: one packed row per row group (see the module docstring), LZ4."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=1, use_dictionary=False, write_statistics=False, compression="lz4")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class _ShardWriter:
+    """Numbered Parquet files `<folder>/<prefix>-00000.parquet` of exactly `rows` rows (the last one
+    fewer), written atomically: where a file ends never depends on how the rows arrived."""
+
+    def __init__(self, folder: str, prefix: str, rows: int, write=None):
+        self.folder, self.prefix, self.rows = folder, prefix, rows
+        self.write_file = write or write_parquet_atomic
+        self.pending: list[pa.Table] = []
+        self.count = self.written = 0
+        self.names: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.count += table.num_rows
+        while self.count >= self.rows:
+            self.write(self.rows)
+
+    def write(self, rows: int | None = None) -> None:
+        """Write the first `rows` pending rows (all of them by default) as the next file."""
+        if self.pending:
+            table = pa.concat_tables(self.pending, promote_options="permissive")
+            rows = table.num_rows if rows is None else rows
+            name = f"{self.prefix}-{len(self.names):05d}.parquet"
+            self.write_file(table.slice(0, rows), os.path.join(self.folder, name))
+            self.names.append(name)
+            self.written += rows
+            rest = table.slice(rows)
+            self.pending, self.count = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+class _PackStats:
+    """What a partition or the tail reports about the packs it wrote."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.c: Counter = Counter()
+        self.fill = np.zeros(FILL_BINS, np.int64)
+
+    def add(self, pack: Pack) -> None:
+        c = self.c
+        c["packs"] += 1
+        c["tokens"] += pack.tokens
+        c["tiles"] += pack.tiles
+        c["pieces"] += len(pack.records)
+        c["samples"] += sum(rec.payload.last for rec in pack.records)  # a split sample counts once, at its last piece
+        self.fill[min(FILL_BINS - 1, pack.tokens * FILL_BINS // self.max_tokens)] += 1
+
+    def marker(self) -> dict:
+        return {**{k: int(self.c[k]) for k in ("packs", "tokens", "tiles", "pieces", "samples")},
+                "fill_hist": self.fill.tolist()}
+
+
+# ---- one partition (a Ray task) -------------------------------------------------------------------
+
+_TOKENIZERS: dict[str, object] = {}  # per worker process, by the saved tokenizer's digest
+
+
+def _worker_tokenizer(tok_dir: str, digest: str):
+    tok = _TOKENIZERS.get(digest)
+    if tok is None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task = one core
+        from transformers import AutoTokenizer
+
+        tok = _TOKENIZERS[digest] = AutoTokenizer.from_pretrained(tok_dir)
+    return tok
+
+
+@contextlib.contextmanager
+def _cpu(counts: Counter, stage: str):
+    """Add this block's CPU milliseconds (of this task's process: one task = one core) to `cpu_ms:<stage>`."""
+    t = time.process_time()
+    try:
+        yield
+    finally:
+        counts[f"cpu_ms:{stage}"] += round(1000 * (time.process_time() - t))
+
+
+def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter) -> pa.Table:
+    """Input shard `index` (images and all) with its token columns: from the cache when its marker
+    matches, else tokenized now and cached (data, then marker)."""
+    out, fp = spec["out_dir"], spec["token_fingerprint"]
+    with _cpu(counts, "read"):
+        table = read_canonical(path)
+        m = read_marker(out, tokens_key(index))
+        if m is not None and m.get("fingerprint") == fp and os.path.exists(tokens_path(out, index)):
+            tokens = pq.read_table(tokens_path(out, index))
+            if not tokens.column("id").equals(table.column("id")):
+                raise RuntimeError(f"{path} no longer matches its tokens in {tokens_path(out, index)}; "
+                                   "delete that folder's _tokens/ and _done/ and rerun")
+            return _with_token_columns(table, tokens)
+    with _cpu(counts, "tokenize"):
+        tok = _worker_tokenizer(spec["tok_dir"], spec["tok_digest"])
+        b = spec["batch_size"]
+        parts = [tokenize_table(table.slice(k, b), tok, **spec["tokenize"]) for k in range(0, table.num_rows, b)]
+        joined = pa.concat_tables(parts) if parts else _with_token_columns(table, _empty_tokens())
+    with _cpu(counts, "cache"):
+        cache = joined.select(["id", *TOKEN_COLUMNS])
+        write_parquet_fast(cache, tokens_path(out, index))
+        write_marker(out, tokens_key(index), {"file": path, "rows": cache.num_rows, "fingerprint": fp})
+    counts["tokenized_rows"] += cache.num_rows
+    return joined
+
+
+def _list_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, offsets): each row is a zero-copy slice of the values."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = np.asarray(arr.offsets)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0] :], offsets - offsets[0]
+
+
+def _pieces(tables: Iterator[pa.Table], rejected: _ShardWriter, counts: Counter) -> Iterator[Piece]:
+    """Rows of tokenized shards as Pieces; rows that cannot be packed go out whole (token columns dropped)."""
+    drop = [c for c in TOKEN_COLUMNS if c != "reject_reason"]
+    for batch in tables:
+        counts["input"] += batch.num_rows
+        reasons = batch.column("reject_reason").to_pylist()
+        bad = [i for i, r in enumerate(reasons) if r]
+        if bad:
+            rejected.add(batch.take(bad).drop_columns(drop))
+            counts.update(f"reason:{reasons[i]}" for i in bad)
+        ids, id_off = _list_values(batch.column("input_ids"))
+        labels, _ = _list_values(batch.column("labels"))
+        spans = batch.column("image_spans").to_pylist()
+        tiles = batch.column("tiles_per_image").to_pylist()
+        max_tiles = batch.column("image_max_tiles").to_pylist()
+        augment = batch.column("image_augment").to_pylist()
+        sample_ids = batch.column("id").to_pylist()
+        images = batch.column("images").to_pylist()
+        for i, reason in enumerate(reasons):
+            if reason:
+                continue
+            a, b = id_off[i], id_off[i + 1]
+            s = spans[i]
+            yield Piece(sample_ids[i], ids[a:b], labels[a:b], list(zip(s[::2], s[1::2])), tiles[i],
+                        images[i] or [], max_tiles[i], augment[i])
+
+
+def _count_splits(stream: Iterator[Piece], counts: Counter) -> Iterator[Piece]:
+    last = None
+    for piece in stream:
+        if piece.part >= 0 and (base := piece.sample_id.rsplit("#", 1)[0]) != last:
+            counts["split_samples"] += 1
+            last = base
+        yield piece
+
+
+TAIL_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("image_spans", pa.list_(pa.int32())), ("tiles_per_image", pa.list_(pa.int32())),
+    ("images", pa.list_(pa.binary())), ("image_max_tiles", pa.list_(pa.int32())),
+    ("image_augment", pa.list_(pa.bool_())), ("part", pa.int32()), ("last", pa.bool_()),
+])
+
+
+def _pieces_to_table(pieces: list[Piece]) -> pa.Table:
+    cols = {
+        "sample_id": [p.sample_id for p in pieces], "input_ids": [p.input_ids for p in pieces],
+        "labels": [p.labels for p in pieces], "image_spans": [[x for s in p.image_spans for x in s] for p in pieces],
+        "tiles_per_image": [p.tiles_per_image for p in pieces], "images": [p.images for p in pieces],
+        "image_max_tiles": [p.image_max_tiles for p in pieces], "image_augment": [p.image_augment for p in pieces],
+        "part": [p.part for p in pieces], "last": [p.last for p in pieces],
+    }
+    return pa.table(cols, schema=TAIL_SCHEMA)
+
+
+def _table_to_pieces(table: pa.Table) -> list[Piece]:
+    ids, off = _list_values(table.column("input_ids"))
+    labels, _ = _list_values(table.column("labels"))
+    rows = table.drop_columns(["input_ids", "labels"]).to_pylist()
+    return [Piece(r["sample_id"], ids[off[i] : off[i + 1]], labels[off[i] : off[i + 1]],
+                  list(zip(r["image_spans"][::2], r["image_spans"][1::2])), r["tiles_per_image"], r["images"],
+                  r["image_max_tiles"], r["image_augment"], r["part"], r["last"]) for i, r in enumerate(rows)]
+
+
+def _write_packs(packs: Iterator[Pack], kept: _ShardWriter, stats: _PackStats) -> None:
+    group = []
+    for pack in packs:
+        stats.add(pack)
+        group.append(pack)
+        if len(group) >= PACKS_PER_WRITE:
+            kept.add(packs_to_table(group))
+            group = []
+    if group:
+        kept.add(packs_to_table(group))
+
+
+def pack_partition(spec: dict) -> dict:
+    """Partition `spec["index"]` start to finish (see the module docstring); returns its marker plus
+    `tokenized_rows`. A plain function: Ray runs it as the task `ivl-pack:partition`."""
+    out, p = spec["out_dir"], spec["index"]
+    max_tokens, max_tiles = spec["max_tokens"], spec["max_tiles"]
+    counts: Counter = Counter()
+    t0 = time.process_time()
+
+    def timed(write):
+        def run(table, path):
+            with _cpu(counts, "write"):
+                write(table, path)
+        return run
+
+    kept = _ShardWriter(os.path.join(out, "kept"), f"pack-{p:05d}", spec["rows_per_shard"], timed(write_packed))
+    rejected = _ShardWriter(os.path.join(out, "rejected"), f"rejected-{p:05d}", spec["rows_per_shard"],
+                            timed(write_parquet_atomic))
+    tables = (_tokenized_shard(spec, i, path, counts) for i, path in spec["shards"])
+
+    def dropped(_piece: Piece) -> None:
+        counts["pieces_without_answer"] += 1
+
+    # tokenize_table rejected every row no cut can fit, so on_reject stays unset: a miss raises.
+    stream = select_samples([_pieces(tables, rejected, counts)], seed=spec["seed"], max_tokens=max_tokens,
+                            max_tiles=max_tiles, on_drop=dropped)
+    packer = Packer(max_tokens, max_tiles, buffer_size=spec["buffer_size"], mode=spec["mode"])
+    stats = _PackStats(max_tokens)
+    _write_packs(pack_stream(_count_splits(stream, counts), packer, finish=False), kept, stats)
+    last, tail = packer.finish(), []
+    if spec["mode"] == "ivl":  # the public policy's mode has no repack: its flushed buffers go as they are
+        last, tail = split_tail(last, max_tokens, max_tiles, TAIL_FILL)
+    _write_packs(iter(last), kept, stats)
+    kept.write()
+    rejected.write()
+    write_parquet_fast(_pieces_to_table([r.payload for q in tail for r in q.records]), tail_path(out, p))
+    marker = {
+        "fingerprint": spec["pack_fingerprint"], "input": counts["input"], "rejected": rejected.written,
+        "reasons": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("reason:")},
+        "split_samples": counts["split_samples"], "pieces_without_answer": counts["pieces_without_answer"],
+        "tail_pieces": sum(len(q.records) for q in tail), "kept_files": kept.names, "rejected_files": rejected.names,
+        **stats.marker(),
+    }
+    cpu = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("cpu_ms:")}
+    cpu["pack"] = round(1000 * (time.process_time() - t0)) - sum(cpu.values())  # Select..Maintain, rows -> Arrow
+    marker["cpu_ms"] = dict(sorted(cpu.items()))
+    write_marker(out, part_key(p), marker)
+    return {**marker, "tokenized_rows": counts["tokenized_rows"]}
+
+
+def pack_tail(spec: dict, partitions: int, packs_before: int) -> dict:
+    """Every partition's tail pieces repacked first-fit decreasing into kept/pack-tail-*; its marker.
+    With no pack anywhere else it still writes one (empty) file, so an empty input has a kept/ file."""
+    out = spec["out_dir"]
+    t0 = time.process_time()
+    pieces = [q for p in range(partitions) for q in _table_to_pieces(pq.read_table(tail_path(out, p)))]
+    packs = first_fit_decreasing((q.record() for q in pieces), spec["max_tokens"], spec["max_tiles"])
+    kept = _ShardWriter(os.path.join(out, "kept"), "pack-tail", spec["rows_per_shard"], write_packed)
+    stats = _PackStats(spec["max_tokens"])
+    _write_packs(iter(packs), kept, stats)
+    if not kept.count and not kept.names and not packs_before:
+        kept.add(packs_to_table([]))
+    kept.write()
+    marker = {"fingerprint": spec["pack_fingerprint"], "kept_files": kept.names, **stats.marker(),
+              "cpu_ms": {"tail": round(1000 * (time.process_time() - t0))}}
+    write_marker(out, TAIL_KEY, marker)
+    return marker
+
+
+# ---- the driver -----------------------------------------------------------------------------------
 
 def resume_state(out_dir: str, args: dict, n_files: int) -> tuple[str, list[int]]:
     """(fingerprint of `args`, indices of input shards already tokenized under it).
@@ -239,10 +545,7 @@ def resume_state(out_dir: str, args: dict, n_files: int) -> tuple[str, list[int]
         log.warning("ivl pack: %s changed since the last run in %s; tokenizing every shard again",
                     ", ".join(changed), out_dir)
         shutil.rmtree(os.path.join(out_dir, "_tokens"), ignore_errors=True)
-        done_dir = os.path.dirname(marker_path(out_dir, "x"))
-        for name in os.listdir(done_dir):
-            if name.startswith("pack-tokens-"):
-                os.remove(os.path.join(done_dir, name))
+        _remove_markers(out_dir, "pack-tokens-")
     if old is None or old.get("fingerprint") != fingerprint:
         write_marker(out_dir, "pack-args", {"fingerprint": fingerprint, "args": args})
     done = [
@@ -251,6 +554,36 @@ def resume_state(out_dir: str, args: dict, n_files: int) -> tuple[str, list[int]
         and os.path.exists(tokens_path(out_dir, i))
     ]
     return fingerprint, done
+
+
+def _remove_markers(out_dir: str, prefix: str) -> None:
+    done_dir = os.path.dirname(marker_path(out_dir, "x"))
+    if os.path.isdir(done_dir):
+        for name in os.listdir(done_dir):
+            if name.startswith(prefix):
+                os.remove(os.path.join(done_dir, name))
+
+
+def _pack_plan(out_dir: str, plan: dict) -> str:
+    """The fingerprint of the packing plan; made under another plan, every pack and partition marker
+    is deleted first (the tokens stay: they do not depend on it)."""
+    fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    old = read_marker(out_dir, PLAN_KEY)
+    if old is None or old.get("fingerprint") != fingerprint:
+        for prefix in ("pack-part-", TAIL_KEY):
+            _remove_markers(out_dir, prefix)
+        for sub in ("kept", "rejected", "_tail"):
+            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+        write_marker(out_dir, PLAN_KEY, {"fingerprint": fingerprint})
+    return fingerprint
+
+
+def _remove_unnamed(folder: str, names: set[str]) -> None:
+    """Delete every file in `folder` that no marker names (cut-short writes, an older, longer run)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name not in names:
+                os.remove(os.path.join(folder, name))
 
 
 def _cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_tiles, verify_images) -> dict:
@@ -264,122 +597,17 @@ def _cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_t
             "max_tokens": max_tokens, "max_tiles": max_tiles, "verify_images": verify_images, "inputs": inputs}
 
 
-# ---- packing on the driver -----------------------------------------------------------------------
-
-def _list_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (flat values, offsets): each row is a zero-copy slice of the values."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    offsets = np.asarray(arr.offsets)
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return values[offsets[0] :], offsets - offsets[0]
+_REMOTE: dict[str, object] = {}
 
 
-def _load_tokenized(out_dir: str, index: int, path: str) -> pa.Table:
-    """Input shard `index` (images and all) joined with its cached token columns."""
-    table = read_canonical(path)
-    tokens = pq.read_table(tokens_path(out_dir, index))
-    if tokens.column("id").to_pylist() != table.column("id").to_pylist():
-        raise RuntimeError(f"{path} no longer matches its tokens in {tokens_path(out_dir, index)}; "
-                           "delete that folder's _tokens/ and _done/ and rerun")
-    return _with_token_columns(table, tokens)
+def _remote(fn):
+    """`fn` as a Ray task named after the ivl job and stage (`ivl-pack:partition`), made once."""
+    import ray
 
-
-def _tokenized_tables(out_dir: str, files: list[str]) -> Iterator[pa.Table]:
-    """Every input shard in order, joined with its tokens; the next one is read in a thread meanwhile."""
-    with ThreadPoolExecutor(1) as pool:
-        ahead = [pool.submit(_load_tokenized, out_dir, i, f) for i, f in enumerate(files[:1])]
-        for i in range(len(files)):
-            current = ahead.pop().result()
-            if i + 1 < len(files):
-                ahead.append(pool.submit(_load_tokenized, out_dir, i + 1, files[i + 1]))
-            yield current
-
-
-class _ShardWriter:
-    """Numbered Parquet files `<folder>/<prefix>-00000.parquet` of exactly `rows` rows (the last one
-    fewer), written atomically: where a file ends never depends on how the rows arrived."""
-
-    def __init__(self, folder: str, prefix: str, rows: int):
-        self.folder, self.prefix, self.rows = folder, prefix, rows
-        self.pending: list[pa.Table] = []
-        self.count = self.files = self.written = 0
-
-    def add(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.count += table.num_rows
-        while self.count >= self.rows:
-            self.write(self.rows)
-
-    def write(self, rows: int | None = None) -> None:
-        """Write the first `rows` pending rows (all of them by default) as the next file."""
-        if self.pending:
-            table = pa.concat_tables(self.pending, promote_options="permissive")
-            rows = table.num_rows if rows is None else rows
-            write_parquet_atomic(table.slice(0, rows), os.path.join(self.folder, f"{self.prefix}-{self.files:05d}.parquet"))
-            self.files, self.written = self.files + 1, self.written + rows
-            rest = table.slice(rows)
-            self.pending, self.count = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def close(self) -> None:
-        """Write the rest and delete files left by an earlier, longer run under the same names."""
-        self.write()
-        if not os.path.isdir(self.folder):
-            return
-        for name in os.listdir(self.folder):
-            stem = name[len(self.prefix) + 1 : -len(".parquet")]
-            if name.startswith(self.prefix + "-") and name.endswith(".parquet") and stem.isdigit():
-                if int(stem) >= self.files:
-                    os.remove(os.path.join(self.folder, name))
-            elif name.startswith(".tmp-"):  # a write cut short by a kill (pipeline.io.atomic_write_bytes)
-                os.remove(os.path.join(self.folder, name))
-
-
-def _pieces(batches: Iterator[pa.Table], rejected: _ShardWriter, counts: Counter) -> Iterator[Piece]:
-    """Kept rows of the tokenized stream as Pieces; rejected rows go out whole (token columns dropped)."""
-    drop = [c for c in TOKEN_COLUMNS if c != "reject_reason"]
-    for batch in batches:
-        counts["input"] += batch.num_rows
-        reasons = batch.column("reject_reason").to_pylist()
-        bad = [i for i, r in enumerate(reasons) if r]
-        if bad:
-            rejected.add(batch.take(bad).drop_columns(drop))
-            counts.update(f"reason:{reasons[i]}" for i in bad)
-        ids, id_off = _list_values(batch.column("input_ids"))
-        labels, _ = _list_values(batch.column("labels"))
-        spans = batch.column("image_spans").to_pylist()
-        tiles = batch.column("tiles_per_image").to_pylist()
-        max_tiles = batch.column("image_max_tiles").to_pylist()
-        augment = batch.column("image_augment").to_pylist()
-        sample_ids = batch.column("id").to_pylist()
-        images = batch.column("images")
-        for i, reason in enumerate(reasons):
-            if reason:
-                continue
-            a, b = id_off[i], id_off[i + 1]
-            s = spans[i]
-            yield Piece(
-                sample_id=sample_ids[i],
-                input_ids=ids[a:b],
-                labels=labels[a:b],
-                image_spans=list(zip(s[::2], s[1::2])),
-                tiles_per_image=tiles[i],
-                images=images[i].as_py() or [],
-                image_max_tiles=max_tiles[i],
-                image_augment=augment[i],
-            )
-
-
-def _account(pack: Pack, stats: Counter, fills: list, split_ids: set, max_tokens: int) -> None:
-    stats["packs"] += 1
-    stats["tokens"] += pack.tokens
-    stats["tiles"] += pack.tiles
-    fills.append(pack.tokens / max_tokens)
-    for rec in pack.records:
-        piece: Piece = rec.payload
-        stats["pieces"] += 1
-        stats["samples"] += piece.last  # a split sample counts once, with its last piece
-        if piece.part >= 0:
-            split_ids.add(piece.sample_id.rsplit("#", 1)[0])
+    name = f"ivl-pack:{fn.__name__.removeprefix('pack_')}"
+    if name not in _REMOTE:
+        _REMOTE[name] = ray.remote(fn).options(name=name, num_cpus=1)
+    return _REMOTE[name]
 
 
 def run_pack(
@@ -393,93 +621,121 @@ def run_pack(
     seed: int = 0,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     system_prompt: str | None = INTERNVL_SYSTEM_PROMPT,
-    batch_size: int = 64,
+    batch_size: int = 256,
     verify_images: bool = False,
+    partition_bytes: int = DEFAULT_PARTITION_BYTES,
 ) -> dict:
     """Pack the canonical shards of `in_dir` (its kept/ if present) into `out_dir`; returns the summary.
 
     `tokenizer` is a loaded tokenizer or a path / hub name / .gguf file for `load_tokenizer`.
     `verify_images` fully decodes every image (rejecting truncated ones) instead of reading headers.
-    Rerun into the same `out_dir`, it resumes: input shards tokenized before are not tokenized again
-    (summary `resumed_shards`). Ray must be initialised by the caller (the CLI's `ray_session`); a
-    local one is started otherwise."""
+    Rerun into the same `out_dir`, it resumes (summary `resumed_shards`, `resumed_partitions`). Ray
+    must be initialised by the caller (the CLI's `ray_session`); a local one is started otherwise."""
     import ray
 
     t0 = time.perf_counter()
     files = list_input_shards(in_dir)
     packer = Packer(max_tokens, max_tiles, buffer_size=buffer_size, mode=mode)  # validates mode first
+    if rows_per_shard < 1 or partition_bytes < 1:
+        raise ValueError("rows_per_shard and partition_bytes must be >= 1")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     tok_dir = os.path.join(out_dir, "tokenizer")
     tok.save_pretrained(tok_dir)
 
-    # Step 1: tokenize the input shards not tokenized yet under the same arguments.
     args = _cache_args(files, tok_dir, system_prompt, max_tokens, max_tiles, verify_images)
-    fingerprint, done = resume_state(out_dir, args, len(files))
-    skip = set(done)
-    todo = [(i, f) for i, f in enumerate(files) if i not in skip]
+    token_fp, done = resume_state(out_dir, args, len(files))
+    parts = plan_partitions([size for _, size, _ in args["inputs"]], partition_bytes)
+    plan = {"tokens": token_fp, "mode": mode, "seed": seed, "buffer_size": buffer_size, "rows_per_shard": rows_per_shard,
+            "partitions": parts, "tail_fill": TAIL_FILL}
+    spec = {"out_dir": out_dir, "tok_dir": tok_dir, "tok_digest": args["tokenizer"], "token_fingerprint": token_fp,
+            "pack_fingerprint": _pack_plan(out_dir, plan), "batch_size": batch_size, "max_tokens": max_tokens,
+            "max_tiles": max_tiles, "mode": mode, "seed": seed, "buffer_size": buffer_size,
+            "rows_per_shard": rows_per_shard,
+            "tokenize": {"system_prompt": system_prompt, "max_tokens": max_tokens, "max_tiles": max_tiles,
+                         "verify_images": verify_images}}
+    markers = {p: m for p in range(len(parts))
+               if (m := read_marker(out_dir, part_key(p))) and m.get("fingerprint") == spec["pack_fingerprint"]}
+    todo = [p for p in range(len(parts)) if p not in markers]
     tokenized_rows = 0
-    if todo:
+    tail = read_marker(out_dir, TAIL_KEY)
+    if todo or tail is None or tail.get("fingerprint") != spec["pack_fingerprint"]:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
-        tokenized_rows = _tokenize_shards(todo, out_dir, tok_dir, fingerprint, batch_size, system_prompt=system_prompt,
-                                          max_tokens=max_tokens, max_tiles=max_tiles, verify_images=verify_images)
+        task = _remote(pack_partition)
+        refs = {p: task.remote({**spec, "index": p, "shards": [(i, files[i]) for i in parts[p]]}) for p in todo}
+        for p, ref in refs.items():
+            markers[p] = ray.get(ref)
+            tokenized_rows += markers[p].pop("tokenized_rows")
+        packs_before = sum(m["packs"] for m in markers.values())
+        tail = ray.get(_remote(pack_tail).remote(spec, len(parts), packs_before))
+    ordered = [markers[p] for p in range(len(parts))]
+    _remove_unnamed(os.path.join(out_dir, "kept"), {n for m in [*ordered, tail] for n in m["kept_files"]})
+    _remove_unnamed(os.path.join(out_dir, "rejected"), {n for m in ordered for n in m["rejected_files"]})
+    return _summarise(out_dir, ordered, tail, t0, files=files, resumed=len(done), tokenized_rows=tokenized_rows,
+                      max_tokens=max_tokens, max_tiles=max_tiles, mode=mode, seed=seed, tok_dir=tok_dir,
+                      buffer_size=packer.impl.buffers.capacity if mode == "ivl" else packer.impl.capacity,
+                      resumed_partitions=len(parts) - len(todo))
 
-    # Step 2: pack every shard from the cache, in input order.
-    counts: Counter = Counter()
-    split_ids: set[str] = set()
-    kept = _ShardWriter(os.path.join(out_dir, "kept"), "pack", rows_per_shard)
-    rejected = _ShardWriter(os.path.join(out_dir, "rejected"), "rejected", rows_per_shard)
-    # tokenize_table rejected every row that no cut can fit, so on_reject stays unset: a miss raises.
-    pieces = _pieces(_tokenized_tables(out_dir, files), rejected, counts)
-    stream = select_samples([pieces], seed=seed, max_tokens=max_tokens, max_tiles=max_tiles)
-    fills, stats, group = [], Counter(), []
-    for pack in pack_stream(stream, packer):
-        _account(pack, stats, fills, split_ids, max_tokens)
-        group.append(pack)
-        if len(group) >= 32:  # build Arrow in small groups: memory stays bounded
-            kept.add(packs_to_table(group))
-            group = []
-    if group or not (kept.files or kept.count):  # an empty input still gets one (empty) pack file
-        kept.add(packs_to_table(group))
-    kept.close()
-    rejected.close()
 
-    packs = stats["packs"]
-    lower = max(math.ceil(stats["tokens"] / max_tokens), math.ceil(stats["tiles"] / max_tiles))
-    seconds = time.perf_counter() - t0
+def _summarise(out_dir: str, parts: list[dict], tail: dict, t0: float, **run) -> dict:
+    """summary.json and the fill plot, from the markers alone."""
+    def total(key: str, markers=(*parts, tail)) -> int:
+        return sum(m.get(key, 0) for m in markers)
+
+    reasons: Counter = Counter()
+    for m in parts:
+        reasons.update(m["reasons"])
+    cpu: Counter = Counter()
+    for m in (*parts, tail):
+        cpu.update(m.get("cpu_ms", {}))
+    packs, tokens, tiles = total("packs"), total("tokens"), total("tiles")
+    max_tokens, max_tiles = run["max_tokens"], run["max_tiles"]
+    lower = max(math.ceil(tokens / max_tokens), math.ceil(tiles / max_tiles))
+    inputs = total("input", parts)
+    fill = np.sum([m["fill_hist"] for m in (*parts, tail)], axis=0)
     summary = {
-        "input": counts["input"],
-        "kept": stats["samples"],
-        "rejected": rejected.written,
-        "reasons": dict(sorted((k.split(":", 1)[1], v) for k, v in counts.items() if k.startswith("reason:"))),
-        "samples": stats["samples"],
-        "pieces": stats["pieces"],
-        "split_samples": len(split_ids),
+        "input": inputs,
+        "kept": total("samples"),
+        "rejected": total("rejected", parts),
+        "reasons": dict(sorted(reasons.items())),
+        "samples": total("samples"),
+        "pieces": total("pieces"),
+        "pieces_without_answer": total("pieces_without_answer", parts),
+        "split_samples": total("split_samples", parts),
         "packs": packs,
-        "shards": kept.files,
-        "input_shards": len(files),
-        "resumed_shards": len(done),
-        "tokenized_rows": tokenized_rows,
-        "total_tokens": stats["tokens"],
-        "total_tiles": stats["tiles"],
+        "tail_packs": tail["packs"],
+        "shards": sum(len(m["kept_files"]) for m in (*parts, tail)),
+        "input_shards": len(run["files"]),
+        "partitions": len(parts),
+        "resumed_partitions": run["resumed_partitions"],
+        "resumed_shards": run["resumed"],
+        "tokenized_rows": run["tokenized_rows"],
+        "total_tokens": tokens,
+        "total_tiles": tiles,
         "lower_bound_packs": lower,
         "packs_over_lower_bound": packs / lower if lower else None,
-        "token_fill": stats["tokens"] / (packs * max_tokens) if packs else 0.0,
-        "tile_fill": stats["tiles"] / (packs * max_tiles) if packs else 0.0,
-        "samples_per_pack": stats["pieces"] / packs if packs else 0.0,
+        "token_fill": tokens / (packs * max_tokens) if packs else 0.0,
+        "tile_fill": tiles / (packs * max_tiles) if packs else 0.0,
+        "samples_per_pack": total("pieces") / packs if packs else 0.0,
+        "rows_per_row_group": 1,
+        "task_cpu_s": {k: round(v / 1000, 3) for k, v in sorted(cpu.items())},  # per stage, all tasks (one run)
         "max_tokens": max_tokens,
         "max_tiles": max_tiles,
-        "mode": mode,
-        "buffer_size": packer.impl.buffers.capacity if mode == "ivl" else packer.impl.capacity,
-        "seed": seed,
-        "seconds": round(seconds, 3),
-        "samples_per_s": round(counts["input"] / seconds, 1) if seconds else None,
-        "tokenizer": tok_dir,
+        "mode": run["mode"],
+        "buffer_size": run["buffer_size"],
+        "seed": run["seed"],
+        "tokenizer": run["tok_dir"],
     }
     check_accounting(summary)
-    histogram(fills, os.path.join(out_dir, "report", "pack_fill.png"), "token fill per pack", bins=50)
+    centres = (np.arange(FILL_BINS) + 0.5) / FILL_BINS
+    histogram(np.repeat(centres, fill).tolist(), os.path.join(out_dir, "report", "pack_fill.png"),
+              "token fill per pack", bins=FILL_BINS)
+    seconds = time.perf_counter() - t0
+    summary["seconds"] = round(seconds, 3)
+    summary["samples_per_s"] = round(inputs / seconds, 1) if seconds else None
     summary["report"] = write_summary(out_dir, summary)
     return summary
 
 
-__all__ = ["run_pack", "tokenize_table", "image_tiles", "resume_state", "PACKED_SCHEMA"]
+__all__ = ["run_pack", "tokenize_table", "image_tiles", "png_size", "resume_state", "plan_partitions",
+           "pack_partition", "pack_tail", "write_packed", "PACKED_SCHEMA"]

@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -62,8 +63,9 @@ def packed(tmp_path_factory, tok, ray_local):
     rows = canonical_rows()
     for k in range(0, len(rows), 2):  # four input shards for two tokenize workers: order must still hold
         write_parquet_atomic(rows_to_table(rows[k : k + 2]), str(base / "in" / "kept" / f"part-{k:05d}.parquet"))
+    # partition_bytes=1: one partition per input shard, so four partition tasks and a tail
     summary = run_pack(str(base / "in"), str(base / "out"), tok, max_tokens=MAX_TOKENS, max_tiles=MAX_TILES,
-                       rows_per_shard=2)
+                       rows_per_shard=2, partition_bytes=1)
     return base, rows, summary
 
 
@@ -104,7 +106,11 @@ def test_summary_accounts_for_every_row(packed):
     on_disk = json.load(open(base / "out" / "report" / "summary.json"))
     assert on_disk["packs"] == s["packs"] and os.path.getsize(base / "out" / "report" / "pack_fill.png") > 0
     names = sorted(os.listdir(base / "out" / "kept"))
-    assert names == [f"pack-{k:05d}.parquet" for k in range(len(names))] and len(names) == s["shards"]
+    assert len(names) == s["shards"] and s["partitions"] == 4
+    assert all(re.fullmatch(r"pack-(\d{5}|tail)-\d{5}\.parquet", n) for n in names), names
+    for name in names:  # one packed row per row group: training reads a row without its neighbours
+        meta = pq.ParquetFile(base / "out" / "kept" / name).metadata
+        assert meta.num_row_groups == meta.num_rows <= 2
 
 
 @pytest.mark.slow
@@ -172,6 +178,6 @@ def test_rerun_gives_identical_packs(packed, tok):
     base, _, s = packed
     assert ray.data.DataContext.get_current().execution_options.preserve_order is False  # caller's, restored
     again = run_pack(str(base / "in"), str(base / "out2"), tok, max_tokens=MAX_TOKENS, max_tiles=MAX_TILES,
-                     rows_per_shard=2)
+                     rows_per_shard=2, partition_bytes=1)
     assert {k: again[k] for k in ("packs", "total_tokens", "kept")} == {k: s[k] for k in ("packs", "total_tokens", "kept")}
     assert read(base / "out" / "kept") == read(base / "out2" / "kept")

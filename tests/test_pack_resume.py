@@ -1,6 +1,6 @@
-"""`ivl pack` resumes (issue 8, item 2): killed and rerun with the same arguments it skips the input
-shards it already tokenized and ends with the same kept/ and rejected/ bytes and counts as a clean
-run; changed arguments never reuse stale tokens."""
+"""`ivl pack` resumes (issue 8 item 2, issue 11 item 3): killed and rerun with the same arguments it
+skips the partitions it committed and the input shards it already tokenized, and ends with the same
+kept/ and rejected/ bytes and counts as a clean run; changed arguments never reuse stale tokens."""
 
 from __future__ import annotations
 
@@ -20,18 +20,24 @@ import pytest
 import pipeline.pack_job as pack_job
 from pipeline.ingest import run_ingest
 from pipeline.io import read_marker, write_parquet_atomic
-from pipeline.pack_job import _cache_args, resume_state, run_pack, tokens_key, tokens_path
+from pipeline.pack_job import (
+    TAIL_KEY,
+    _cache_args,
+    part_key,
+    plan_partitions,
+    resume_state,
+    run_pack,
+    tokens_key,
+    tokens_path,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-# Small budgets and files: on the bundled sample, 15 packs in 5 files, 34 rejected rows (images over
-# 6 tiles), one sample split in two.
-BUDGETS = {"max_tokens": 3000, "max_tiles": 6, "rows_per_shard": 3}
+# Small budgets and files: on the bundled sample (4 rows per shard), several partitions of a few
+# shards each, rejected rows (images over 6 tiles), a sample split in two.
+BUDGETS = {"max_tokens": 3000, "max_tiles": 6, "rows_per_shard": 3, "partition_bytes": 150_000}
 # what may differ between a resumed run and a clean one: timings, paths and the resume counters
-VOLATILE = {"seconds", "samples_per_s", "report", "tokenizer", "resumed_shards", "tokenized_rows"}
-
-
-class Killed(Exception):
-    """The driver dying at a chosen point (the real SIGKILL is in the last test)."""
+VOLATILE = {"seconds", "samples_per_s", "report", "tokenizer", "resumed_shards", "tokenized_rows",
+            "resumed_partitions", "task_cpu_s"}
 
 
 def outputs(out_dir) -> dict[str, bytes]:
@@ -111,30 +117,32 @@ def test_cache_args_change_with_the_inputs_and_the_tokenizer(tmp_path, tok):
 
 # ---- whole runs through the local Ray --------------------------------------------------------------
 
+def partitions_of(ingested) -> list[list[int]]:
+    files = pack_job.list_input_shards(str(ingested))
+    return plan_partitions([os.path.getsize(f) for f in files], BUDGETS["partition_bytes"])
+
+
 @pytest.mark.slow
-def test_interrupted_while_packing_rerun_skips_tokenizing_and_matches(ingested, tok, clean, tmp_path, monkeypatch):
+def test_killed_mid_partition_rerun_redoes_only_that_partition(ingested, tok, clean, tmp_path):
     ref, ref_summary = clean()
-    assert ref_summary["shards"] >= 4 and ref_summary["rejected"] > 0 and ref_summary["split_samples"]
+    assert ref_summary["partitions"] == len(partitions_of(ingested)) >= 3
+    assert ref_summary["rejected"] > 0 and ref_summary["split_samples"] and ref_summary["tail_packs"]
     out = tmp_path / "out"
-    real_write, written = pack_job.write_parquet_atomic, []
-
-    def die_after_two_packs(table, path):
-        if f"{os.sep}kept{os.sep}" in path:
-            if len(written) == 2:
-                raise Killed
-            written.append(path)
-        real_write(table, path)
-
-    monkeypatch.setattr(pack_job, "write_parquet_atomic", die_after_two_packs)
-    with pytest.raises(Killed):
-        run_pack(str(ingested), str(out), tok, **BUDGETS)
-    monkeypatch.undo()
-    assert len(glob.glob(str(out / "kept" / "*.parquet"))) == 2 and not (out / "report" / "summary.json").exists()
+    run_pack(str(ingested), str(out), tok, **BUDGETS)
+    # The state a kill inside partition 1 leaves: neither its marker nor the tail's written, its first
+    # pack file written and the next cut short, plus a file of an older, longer run under its prefix.
+    os.remove(pack_job.marker_path(str(out), part_key(1)))
+    os.remove(pack_job.marker_path(str(out), TAIL_KEY))
+    for f in sorted(glob.glob(str(out / "kept" / "pack-00001-*.parquet")))[1:]:
+        os.remove(f)
+    (out / "kept" / ".tmp-123-pack-00001-00001.parquet").write_bytes(b"PAR1 cut short")
+    (out / "kept" / "pack-00001-09999.parquet").write_bytes(b"from an older, longer run")
 
     s = run_pack(str(ingested), str(out), tok, **BUDGETS)
-    assert s["resumed_shards"] == s["input_shards"] and s["tokenized_rows"] == 0  # nothing tokenized again
+    assert s["resumed_partitions"] == s["partitions"] - 1 and s["tokenized_rows"] == 0  # its tokens were cached
     assert counts(s) == counts(ref_summary)
     assert outputs(out) == outputs(ref)
+    assert sorted(os.listdir(out / "kept")) == sorted(os.listdir(ref / "kept"))  # no leftovers
 
 
 @pytest.mark.slow
@@ -142,10 +150,14 @@ def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, to
     ref, ref_summary = clean()
     out = tmp_path / "out"
     run_pack(str(ingested), str(out), tok, **BUDGETS)
-    # The state a kill in step 1 leaves: some shards committed, one cache file written without its
-    # marker, a half-written temp file, and output files from the earlier (here: complete) run.
-    n = ref_summary["input_shards"]
-    lost = list(range(n // 2, n))
+    # The state a kill while tokenizing leaves: the later partitions uncommitted, their shards' tokens
+    # partly cached (one cache file without its marker), a half-written temp file, the tail uncommitted.
+    parts = partitions_of(ingested)
+    lost_parts = list(range(len(parts) // 2, len(parts)))
+    lost = [i for p in lost_parts for i in parts[p]]
+    for p in lost_parts:
+        os.remove(pack_job.marker_path(str(out), part_key(p)))
+    os.remove(pack_job.marker_path(str(out), TAIL_KEY))
     for i in lost:
         os.remove(pack_job.marker_path(str(out), tokens_key(i)))
         if i != lost[0]:
@@ -156,7 +168,9 @@ def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, to
 
     s = run_pack(str(ingested), str(out), tok, **BUDGETS)
     lost_rows = sum(pq.read_metadata(tokens_path(str(out), i)).num_rows for i in lost)
+    n = ref_summary["input_shards"]
     assert s["resumed_shards"] == n - len(lost) and s["tokenized_rows"] == lost_rows < s["input"]
+    assert s["resumed_partitions"] == len(parts) - len(lost_parts)
     assert counts(s) == counts(ref_summary)
     assert outputs(out) == outputs(ref)
     assert sorted(os.listdir(out / "kept")) == sorted(os.listdir(ref / "kept"))  # no leftovers
@@ -205,9 +219,11 @@ def test_driver_killed_mid_pack_rerun_resumes_to_identical_outputs(ingested, ggu
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "report" / "summary.json").read_text())
-    # a Ray worker of the killed job may still commit the shard it was on before it dies, hence >=
-    assert s["resumed_shards"] >= committed and 0 < s["tokenized_rows"] < s["input"], "killed while tokenizing"
-    # the CLI writes the default rows_per_shard; the clean reference uses the same
-    ref, ref_summary = clean(rows_per_shard=pack_job.DEFAULT_ROWS_PER_SHARD)
+    # a Ray worker of the killed job may still finish the partition it was on (all its shards) before it
+    # dies, hence >= and no lower bound on what the rerun tokenizes
+    assert s["resumed_shards"] >= committed and s["tokenized_rows"] < s["input"], "killed while tokenizing"
+    # the CLI writes the default rows_per_shard and partition size; the clean reference uses the same
+    ref, ref_summary = clean(rows_per_shard=pack_job.DEFAULT_ROWS_PER_SHARD,
+                             partition_bytes=pack_job.DEFAULT_PARTITION_BYTES)
     assert counts(s) == counts(ref_summary)
     assert outputs(out) == outputs(ref)

@@ -19,7 +19,7 @@ from operators.packing.packer import (
     Packer,
     pack_stream,
 )
-from operators.packing.repack import first_fit_decreasing, is_nearly_full
+from operators.packing.repack import first_fit_decreasing, is_nearly_full, pack_partitioned, split_tail
 from operators.packing.sample import Pack, Piece, Record, Unpackable, split_sample, unpackable_reason
 from operators.packing.select import select_samples
 
@@ -27,4 +27,5 @@ __all__ = [
     "BufferList", "PACKED_SCHEMA", "packed_row", "DEFAULT_BUFFER_SIZE", "DEFAULT_RESERVE_SIZE", "MODES",
     "BestFitPacker", "InternVLPacker", "Packer", "pack_stream", "Pack", "Piece", "Record", "Unpackable",
     "split_sample", "select_samples", "unpackable_reason", "first_fit_decreasing", "is_nearly_full",
+    "pack_partitioned", "split_tail",
 ]

@@ -47,3 +47,28 @@ def is_nearly_full(pack: Pack, max_tokens: int, max_tiles: int, fill: float = 0.
     """Whether a pack reaches `fill` of either budget (the one that binds it); packs short of that
     are worth repacking with other partitions' leftovers."""
     return pack.tokens >= fill * max_tokens or pack.tiles >= fill * max_tiles
+
+
+def split_tail(packs: list[Pack], max_tokens: int, max_tiles: int, fill: float = 0.99) -> tuple[list[Pack], list[Pack]]:
+    """(packs to write now, packs whose records go to the tail repack): the end of a partition."""
+    full = [p for p in packs if is_nearly_full(p, max_tokens, max_tiles, fill)]
+    return full, [p for p in packs if not is_nearly_full(p, max_tokens, max_tiles, fill)]
+
+
+def pack_partitioned(
+    partitions: list[list[Record]], max_tokens: int, max_tiles: int, fill: float = 0.99, **packer_kw
+) -> list[Pack]:
+    """The `ivl pack` plan over light records, in one process: each partition streamed through its own
+    `Packer` and finished first-fit decreasing, its packs short of `fill` repacked with every other
+    partition's in one tail (pipeline/pack_job.py runs the same steps as Ray tasks). For the benchmark
+    and the property tests."""
+    from operators.packing.packer import Packer
+
+    out, tail = [], []
+    for recs in partitions:
+        packer = Packer(max_tokens, max_tiles, **packer_kw)
+        out += packer.add_many(recs)
+        full, sparse = split_tail(packer.finish(), max_tokens, max_tiles, fill)
+        out += full
+        tail += [r for p in sparse for r in p.records]
+    return out + first_fit_decreasing(tail, max_tokens, max_tiles)
