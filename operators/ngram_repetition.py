@@ -18,11 +18,12 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
-from operators.text_rules import _WORDLIKE_RE
+from operators.text_rules import _MIX, _WORDLIKE_RE
 
 
-def repetition_ratio(text: str, n: int = 10) -> float:
-    """Fraction of the word n-grams of `text` that belong to an n-gram seen more than once (0 if < n words)."""
+def repetition_ratio_reference(text: str, n: int = 10) -> float:
+    """The definition, plainly: fraction of the word n-grams of `text` that belong to an n-gram seen more
+    than once (0 if < n words)."""
     words = _WORDLIKE_RE.findall(text.lower())
     if len(words) < n:
         return 0.0
@@ -31,6 +32,36 @@ def repetition_ratio(text: str, n: int = 10) -> float:
     if len(counts) == len(grams):
         return 0.0
     return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+_ASCII_NON_WORD = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c == "_")})
+
+
+def _words(text: str) -> list[str]:
+    """_WORDLIKE_RE.findall(text.lower()); for ASCII, a translate + split does the same 3x faster."""
+    low = text.lower()
+    return low.translate(_ASCII_NON_WORD).split() if low.isascii() else _WORDLIKE_RE.findall(low)
+
+
+def repetition_ratio(text: str, n: int = 10) -> float:
+    """repetition_ratio_reference computed on 64-bit n-gram hashes with numpy (same values; a 64-bit
+    hash collision, ~1e-15 per text, is the only way they could differ)."""
+    words = _words(text)
+    m = len(words) - n + 1
+    if m <= 0:
+        return 0.0
+    ids = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
+    h = ids[:m] * _MIX
+    for k in range(1, n):  # rolling: g_k = (g_{k-1} + id[i+k]) * MIX, wrapping modulo 2**64
+        h = (h + ids[k : k + m]) * _MIX
+    h.sort()
+    dup = np.zeros(m, bool)
+    same = h[1:] == h[:-1]
+    if not same.any():
+        return 0.0
+    dup[1:] |= same
+    dup[:-1] |= same
+    return int(np.count_nonzero(dup)) / m
 
 
 @register

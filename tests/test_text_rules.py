@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators.base import KEEP, REJECT, REVIEW, build_operator
-from operators.ngram_repetition import repetition_ratio
+from operators.ngram_repetition import repetition_ratio, repetition_ratio_reference
 from operators.text_rules import (
     GOPHER_DEFAULTS,
     TextRuleParams,
@@ -271,7 +271,7 @@ def test_shipped_excerpts_pass_like_the_installed_text():
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["a", "bb", "ccc", "the", "cat", "sat", ",", ".", "图", "书", "#", "...", "\n",
-                                 "\n\n", "- x", "0" * 25, "=" * 90, "il", "di"]), min_size=0, max_size=160),
+                                 "\n\n", "- x", "0" * 25, "=" * 90, "!" * 79, "!", "il", "di"]), min_size=0, max_size=160),
        st.sampled_from([None, "", "en", "it", "zh", "ru"]),
        st.sampled_from(["default", "gopher", "all_sets"]))
 def test_fast_rules_decide_exactly_like_the_plain_definitions(words, lang, which):
@@ -287,3 +287,11 @@ def test_fast_rules_decide_exactly_like_the_plain_definitions(words, lang, which
 def test_fast_rules_match_the_definitions_on_any_unicode(text, lang):
     p = TextRuleParams(doc_min_words=3, min_words=3)
     assert analyze(text, p, lang)[0] == reference_reason(text, lang, p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "the", "cat", "图", "书", "Über", "x_1", "!", "\n"]), max_size=120),
+       st.integers(2, 10))
+def test_hashed_repetition_ratio_equals_the_definition(words, n):
+    text = " ".join(words)
+    assert repetition_ratio(text, n) == repetition_ratio_reference(text, n)
