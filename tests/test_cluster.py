@@ -102,11 +102,13 @@ def test_chain_on_two_nodes_equals_one_node(two_nodes, sample_meta, tmp_path):
     from model.tokenizer import smollm2_gguf_path
 
     c, tok = two_nodes, smollm2_gguf_path()
+    t0 = time.time()
     ref = tmp_path / "one-node"
     plain = {k: v for k, v in c["env"].items() if not k.startswith("RAY_")}  # an embedded Ray of its own
     p = subprocess.run([str(BIN / "ivl"), "demo", "--out", str(ref), "--steps", str(STEPS)], env=plain,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    print(f"one-node demo: {time.time() - t0:.0f} s", flush=True)  # -s shows where the minutes go
 
     two = tmp_path / "two-nodes"
     ing, cur, pk, tr = (str(two / n) for n in ("ingest", "curate", "pack", "train"))
@@ -122,6 +124,7 @@ def test_chain_on_two_nodes_equals_one_node(two_nodes, sample_meta, tmp_path):
                            env=sub_env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"{job[0]}: " + p.stdout[-3000:] + p.stderr[-2000:]
         submitted.append(next(w for w in p.stdout.split() if w.startswith(f"ivl-{job[0]}-")))
+        print(f"two nodes, up to {job[0]}: {time.time() - t0:.0f} s", flush=True)
 
     # the chain adds up on the cluster (counts, ids carried from stage to stage, a model at the end)
     s_ing, s_cur, s_pk, s_tr = (json.load(open(two / n / "report" / "summary.json")) for n in ("ingest", "curate", "pack", "train"))
