@@ -19,6 +19,7 @@ import xxhash
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
     exists,
+    is_uri,
     join,
     open_input,
     read_marker,
@@ -139,7 +140,8 @@ def run_ingest(sources: list[str] | IngestPlan, out_dir: str, fmt: str = "parque
     summary.update(_merge_notes(out_dir, markers, tasks))
     summary.update(format=fmt, shards=len(tasks), resumed_shards=len(tasks) - len(todo), skipped_files=plan.skipped,
                    seconds=round(time.time() - t0, 2))
-    bar_chart(summary["reasons"], join(out_dir, "report", "rejected_by_reason.png"), "ingest: rejected rows by reason")
+    if not is_uri(out_dir):  # report.py draws to local files only
+        bar_chart(summary["reasons"], join(out_dir, "report", "rejected_by_reason.png"), "ingest: rejected rows by reason")
     write_summary(out_dir, summary)
     return summary
 

@@ -10,13 +10,21 @@ element per span, so one broken element is one rejected row, not the rest of the
 
 from __future__ import annotations
 
+import io
 import re
+
+from pipeline.io import is_uri, open_input
 
 CHUNK = 1 << 20
 BOM = b"\xef\xbb\xbf"
 # a whole string | an unterminated string (cut by the chunk end: rescan from it) | a structural byte
 _TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|"|[\[\]{},]', re.S)
 _WS = b" \t\r\n"
+
+
+def open_binary(path: str):
+    """A seekable binary file with readline, for a local path or any URI pipeline/io.py resolves."""
+    return open(path, "rb") if not is_uri(path) else io.BufferedReader(open_input(path), CHUNK)
 
 
 class NotAnArray(ValueError):
@@ -30,7 +38,7 @@ def element_spans(path: str, chunk: int = CHUNK, stop_after: int | None = None) 
     fails to parse and is rejected with its text): nothing after the last comma is dropped.
     `stop_after`: return after that many elements (a peek at the first one)."""
     spans: list[tuple[int, int]] = []
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         head = f.read(len(BOM))
         base = len(BOM) if head == BOM else 0
         f.seek(base)
@@ -81,7 +89,7 @@ def element_spans(path: str, chunk: int = CHUNK, stop_after: int | None = None) 
 
 def _close(spans: list, path: str, start: int, end: int) -> None:
     """Add the last element unless it is only blanks (`[]`, or a trailing comma before `]`)."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         f.seek(start)
         left = end - start
         while left > 0:

@@ -28,14 +28,27 @@ import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.io import IMAGE_EXTS, iter_tar_samples
-from pipeline.jsonarray import BOM, NotAnArray, element_spans, read_span
+from pipeline.io import (
+    IMAGE_EXTS,
+    basename,
+    dirname,
+    exists,
+    is_uri,
+    isdir,
+    isfile,
+    iter_tar_samples,
+    join,
+    list_files,
+    open_input,
+    read_bytes,
+    relpath,
+)
+from pipeline.jsonarray import BOM, NotAnArray, element_spans, open_binary, read_span
 from pipeline.records import DEFAULT_INSTRUCTION, RecordProblem, layout_of, load_images, split_record
 from pipeline.schema import CANONICAL, ROLES
 
@@ -98,7 +111,10 @@ def _safe(name: str) -> str:
 
 
 def _resolve(base: str, p: str) -> str:
-    return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+    """`p` relative to the folder `base` (a local path or a URI); absolute paths and URIs stay as they are."""
+    if os.path.isabs(p) or is_uri(p):
+        return p
+    return join(base, p) if is_uri(base) else os.path.normpath(os.path.join(base, p))
 
 
 def _stem(name: str) -> str:
@@ -149,13 +165,13 @@ def entries_from_sources(sources: list[str], image_root: str | None = None, inpu
     skipped = [] if skipped is None else skipped
     entries: list[Entry] = []
     for src in sources:
-        p = Path(src)
-        if not p.exists():
+        src = str(src).rstrip("/") if is_uri(src) else os.path.normpath(str(src))
+        if not exists(src):
             raise ConfigError(f"source {src} does not exist")
-        if p.is_dir():
-            entries += _folder_entries(p, opts, skipped)
+        if isdir(src):
+            entries += _folder_entries(src, opts, skipped)
         else:
-            entries += _file_entries(p, opts, source=_safe(_stem(p.name)), in_folder=False, origin=str(p))
+            entries += _file_entries(src, opts, source=_safe(_stem(basename(src))), in_folder=False, origin=src)
     seen = Counter((e.source, e.path) for e in entries)
     if any(n > 1 for n in seen.values()):
         raise ConfigError(f"the same source file is given twice: {next(p for (_s, p), n in seen.items() if n > 1)}")
@@ -163,40 +179,42 @@ def entries_from_sources(sources: list[str], image_root: str | None = None, inpu
     return entries
 
 
-def _folder_entries(folder: Path, opts: Options, skipped: list) -> list[Entry]:
-    base = folder / "kept" if (folder / "kept").is_dir() else folder  # an ivl job's OUT: its kept/
-    files = sorted(f for f in base.rglob("*") if f.is_file() and f.name.endswith(DATA_SUFFIXES)
-                   and not any(part.startswith((".", "_")) for part in f.relative_to(base).parts))
+def _folder_entries(folder: str, opts: Options, skipped: list) -> list[Entry]:
+    base = join(folder, "kept") if isdir(join(folder, "kept")) else folder  # an ivl job's OUT: its kept/
+    files = [f for f in list_files(base, DATA_SUFFIXES)
+             if not any(part.startswith((".", "_")) for part in relpath(f, base).split("/"))]
     if not files:
         raise ConfigError(f"source folder {folder} holds no data files ({', '.join(DATA_SUFFIXES)}); {SUPPORTED}")
-    metas = [f for f in files if f.suffix == ".json" and _json_kind(f) in ("meta", "broken")]
+    kinds = {f: _json_kind(f) for f in files if f.endswith(".json") and not f.endswith("_stats.json")}
+    metas = [f for f, k in kinds.items() if k in ("meta", "broken")]
     entries, used = [], set()
     for m in metas:
         for e in _meta_entries(m, opts):
             entries.append(e)
-            used.add(os.path.normpath(e.path))
-    tar_stems = {(str(f.parent), _stem(f.name)) for f in files if f.name.endswith(TAR_SUFFIXES)}
+            used.add(e.path)
+    tar_stems = {(dirname(f), _stem(basename(f))) for f in files if f.endswith(TAR_SUFFIXES)}
     for f in files:
-        if f in metas or os.path.normpath(str(f)) in used:
+        if f in metas or f in used:
             continue
-        if f.name.endswith("_stats.json") and (str(f.parent), f.name[: -len("_stats.json")]) in tar_stems:
+        name = basename(f)
+        if name.endswith("_stats.json") and (dirname(f), name[: -len("_stats.json")]) in tar_stems:
             continue  # img2dataset's stats: read with its tar (expected sample count)
-        if f.suffix == ".parquet" and (str(f.parent), _stem(f.name)) in tar_stems:
-            skipped.append({"file": str(f), "why": "img2dataset metadata beside its .tar (kept in each row's meta)"})
+        if name.endswith(".parquet") and (dirname(f), _stem(name)) in tar_stems:
+            skipped.append({"file": f, "why": "img2dataset metadata beside its .tar (kept in each row's meta)"})
             continue
-        if f.suffix == ".json" and _json_kind(f) != "array":
-            skipped.append({"file": str(f), "why": "a JSON object that is not an InternVL meta file"})
+        if name.endswith(".json") and kinds.get(f) != "array":
+            skipped.append({"file": f, "why": "a JSON object that is not an InternVL meta file"})
             continue
-        rel = f.relative_to(base)
-        source = "/".join(_safe(x) for x in (folder.name, *rel.parent.parts))
-        entries += _file_entries(f, opts, source=source, in_folder=True, origin=str(folder))
+        subset = relpath(f, base).split("/")[:-1]
+        source = "/".join(_safe(x) for x in (basename(folder), *subset))
+        entries += _file_entries(f, opts, source=source, in_folder=True, origin=folder)
     return entries
 
 
-def _json_kind(path: Path) -> str:
+def _json_kind(path: str) -> str:
     """'meta' (an object of datasets), 'array' (a JSON array), 'broken' (an object that does not parse),
     or 'object' (anything else)."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         head = f.read(4096)
     head = head[len(BOM):] if head.startswith(BOM) else head
     first = head.lstrip()[:1]
@@ -205,15 +223,16 @@ def _json_kind(path: Path) -> str:
     if first != b"{":
         return "object"
     try:
-        spec = json.loads(decode_text(path.read_bytes(), None) or "")
+        spec = json.loads(decode_text(read_bytes(path), None) or "")
     except json.JSONDecodeError:
         return "broken"
     ok = isinstance(spec, dict) and spec and all(isinstance(d, dict) and "annotation" in d for d in spec.values())
     return "meta" if ok else "object"
 
 
-def _file_entries(p: Path, opts: Options, source: str, in_folder: bool, origin: str) -> list[Entry]:
-    name = p.name
+def _file_entries(p: str, opts: Options, source: str, in_folder: bool, origin: str) -> list[Entry]:
+    name = basename(p)
+    parent = dirname(p)
     stem = _safe(_stem(name))
     common = dict(encoding=opts.encoding, instruction=opts.instruction, remote_images=opts.remote_images,
                   origin=origin)
@@ -226,21 +245,21 @@ def _file_entries(p: Path, opts: Options, source: str, in_folder: bool, origin: 
                               f"'annotation'); {SUPPORTED}")
         layout = opts.forced or _array_layout(p, opts.encoding)
         prefix = f"{source}/{stem}" if in_folder else source
-        return [Entry(source, "json", str(p), root=opts.image_root or str(p.parent), layout=layout,
+        return [Entry(source, "json", p, root=opts.image_root or parent, layout=layout,
                       id_prefix=prefix, **common)]
     if name.endswith(".jsonl"):
         layout = opts.forced or _jsonl_layout(p, opts.encoding)
         prefix = f"{source}/{stem}" if in_folder else source
-        return [Entry(source, "jsonl", str(p), root=opts.image_root or str(p.parent), layout=layout,
+        return [Entry(source, "jsonl", p, root=opts.image_root or parent, layout=layout,
                       id_prefix=prefix, **common)]
     if name.endswith(TAR_SUFFIXES):
         layout = opts.forced or _tar_layout(p)
-        stats = p.parent / f"{_stem(name)}_stats.json"
-        return [Entry(source, "tar", str(p), root=opts.image_root or str(p.parent), layout=layout,
-                      id_prefix=f"{source}/{stem}", stats=str(stats) if stats.is_file() else None, **common)]
+        stats = join(parent, f"{_stem(name)}_stats.json")
+        return [Entry(source, "tar", p, root=opts.image_root or parent, layout=layout,
+                      id_prefix=f"{source}/{stem}", stats=stats if isfile(stats) else None, **common)]
     if name.endswith(".parquet"):
         layout = opts.forced or _parquet_layout(p)
-        return [Entry(source, "parquet", str(p), root=opts.image_root or str(p.parent), layout=layout,
+        return [Entry(source, "parquet", p, root=opts.image_root or parent, layout=layout,
                       id_prefix=f"{source}/{stem}", **common)]
     raise ConfigError(f"source {p}: unsupported file type; {SUPPORTED}")
 
@@ -249,11 +268,11 @@ def _unsupported(p, found: str) -> ConfigError:
     return ConfigError(f"{p}: unsupported layout ({found}); {SUPPORTED}")
 
 
-def _jsonl_layout(p: Path, encoding: str | None) -> str:
+def _jsonl_layout(p: str, encoding: str | None) -> str:
     """The layout the first parsable records spell; `conversations` when no line parses (each bad line
     is then a rejected row)."""
     looked = []
-    with open(p, "rb") as f:
+    with open_binary(p) as f:
         for raw in f:
             if not raw.strip():
                 continue
@@ -275,14 +294,14 @@ def _jsonl_layout(p: Path, encoding: str | None) -> str:
     return "conversations"
 
 
-def _array_layout(p: Path, encoding: str | None) -> str:
+def _array_layout(p: str, encoding: str | None) -> str:
     try:
-        spans = element_spans(str(p), stop_after=1)
+        spans = element_spans(p, stop_after=1)
     except NotAnArray as e:
         raise ConfigError(str(e)) from None
     if not spans:
         return "conversations"
-    with open(p, "rb") as f:
+    with open_binary(p) as f:
         text = decode_text(read_span(f, spans[0]), encoding)
     try:
         rec = json.loads(text) if text is not None else None
@@ -295,9 +314,10 @@ def _array_layout(p: Path, encoding: str | None) -> str:
     return layout
 
 
-def _parquet_layout(p: Path) -> str:
+def _parquet_layout(p: str) -> str:
     try:
-        names = pq.read_schema(p).names
+        with open_input(p) as f:
+            names = pq.read_schema(f).names
     except Exception:  # a corrupt file is read as one corrupt_shard row (or stopped by --fail-fast)
         return "canonical"
     layout = layout_of(names)
@@ -307,12 +327,12 @@ def _parquet_layout(p: Path) -> str:
     return layout
 
 
-def _tar_layout(p: Path) -> str:
+def _tar_layout(p: str) -> str:
     """From the first samples: `.json` turns (`conversations`, or ivl's own rows), `.txt` captions beside an
     image (img2dataset), or messages/cauldron records; unparsable samples are rows to reject, not a verdict."""
     foreign = None
     try:
-        for n, (_key, files, _problem) in enumerate(iter_tar_samples(str(p))):
+        for n, (_key, files, _problem) in enumerate(iter_tar_samples(p)):
             if n >= PEEK_LINES:
                 break
             rec = None
@@ -339,14 +359,14 @@ def _tar_layout(p: Path) -> str:
     return "conversations"
 
 
-def _meta_entries(meta: Path, opts: Options) -> list[Entry]:
+def _meta_entries(meta: str, opts: Options) -> list[Entry]:
     try:
-        spec = json.loads(decode_text(meta.read_bytes(), None) or "")
+        spec = json.loads(decode_text(read_bytes(meta), None) or "")
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"meta file {meta}: not valid JSON ({e})") from None
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(f"meta file {meta}: expected an object of datasets")
-    base = str(meta.parent)
+    base = dirname(meta)
     out = []
     for name, d in spec.items():
         if not isinstance(d, dict) or "annotation" not in d:
@@ -356,12 +376,12 @@ def _meta_entries(meta: Path, opts: Options) -> list[Entry]:
             # InternVL asserts an integer repeat_time above 1 (internvl_chat/.../dataset.py)
             raise ConfigError(f"meta file {meta}: dataset {name!r}: repeat_time must be > 0 and an integer when > 1")
         ann = _resolve(base, d["annotation"])
-        if not os.path.isfile(ann):
+        if not isfile(ann):
             raise ConfigError(f"meta file {meta}: dataset {name!r}: annotation {ann} not found")
         encoding = d.get("encoding", opts.encoding)
         check_encoding(encoding)
         sub = Options(None, opts.forced, encoding, opts.instruction, opts.remote_images)
-        (e,) = _file_entries(Path(ann), sub, source=_safe(name), in_folder=False, origin=str(meta))
+        (e,) = _file_entries(ann, sub, source=_safe(name), in_folder=False, origin=meta)
         known = {"root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "category", "length",
                  "encoding"}
         e.root = _resolve(base, d.get("root", "") or ".")
@@ -384,7 +404,8 @@ def _make_unique(entries: list[Entry]) -> None:
             return
         for g in clashes:
             for e in g:
-                parts = Path(_stem(e.origin)).parts[-depth:] if depth < 7 else (str(entries.index(e)),)
+                path_parts = [x for x in _stem(e.origin).replace("://", "/").split("/") if x]
+                parts = path_parts[-depth:] if depth < 7 else [str(entries.index(e))]
                 label = "/".join(_safe(x) for x in parts)
                 old = e.source
                 e.source = f"{label}/{old}" if depth == 1 else f"{label}/{old.split('/', depth - 1)[-1]}"
@@ -400,7 +421,7 @@ def plan_tasks(entries: list[Entry], rows_per_shard: int) -> list[dict]:
     tasks = []
     for e in entries:
         base = {"entry": e.__dict__}
-        stem = _safe(_stem(Path(e.path).name))
+        stem = _safe(_stem(basename(e.path)))
         key = f"{_safe(e.source)}-{stem}"
         if e.kind in ("tar", "parquet"):
             tasks.append({**base, "key": key, "copy": 0})
@@ -435,7 +456,7 @@ def plan_tasks(entries: list[Entry], rows_per_shard: int) -> list[dict]:
 
 def _line_offsets(path: str) -> list[int]:
     offsets, pos = [], 0
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for line in f:
             if line.strip() and line.strip() != BOM:
                 offsets.append(pos)
@@ -454,7 +475,8 @@ def count_input(task: dict) -> int:
         return task["stop"] - task["start"]
     if e["kind"] == "parquet":
         try:
-            return pq.ParquetFile(e["path"]).metadata.num_rows
+            with open_input(e["path"]) as f:
+                return pq.ParquetFile(f).metadata.num_rows
         except Exception:  # unreadable footer: the whole file is one corrupt_shard row
             return 1
     return count_tar_samples(e["path"])
@@ -465,7 +487,7 @@ def count_tar_samples(path: str) -> int:
     when the tar breaks is not counted, the unreadable rest is one row."""
     n, current = 0, None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with open_input(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for m in tar:
                 if m.isdir():
                     continue
@@ -483,8 +505,7 @@ def img2dataset_expected(stats_path: str | None) -> int | None:
     if not stats_path:
         return None
     try:
-        with open(stats_path) as f:
-            return int(json.load(f)["successes"])
+        return int(json.loads(read_bytes(stats_path))["successes"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -529,7 +550,7 @@ def _parse_line(e: Entry, rid: str, raw: bytes) -> tuple[dict, str, str | None]:
 
 def _read_jsonl(e: Entry, task: dict):
     suffix = f"#r{task['copy']}" if task["copy"] else ""
-    with open(e.path, "rb") as f:
+    with open_binary(e.path) as f:
         f.seek(task["offset"])
         line_no = task["start"]
         while line_no < task["stop"]:
@@ -546,7 +567,7 @@ def _read_jsonl(e: Entry, task: dict):
 
 def _read_json_array(e: Entry, task: dict):
     suffix = f"#r{task['copy']}" if task["copy"] else ""
-    with open(e.path, "rb") as f:
+    with open_binary(e.path) as f:
         for i, span in enumerate(task["spans"]):
             rid = f"{e.id_prefix}/{task['start'] + i}{suffix}"
             rec, text, reason = _parse_line(e, rid, read_span(f, span))
@@ -710,7 +731,7 @@ def _canonical_sample(e: Entry, rec: dict, images: list[bytes]):
 
 def _read_parquet(e: Entry, task: dict):
     try:
-        pf = pq.ParquetFile(e.path)
+        pf = pq.ParquetFile(open_input(e.path))
         groups = range(pf.num_row_groups)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError for truncated or foreign files
         yield _raw_row(e, f"{e.id_prefix}/@0", "", file=e.path, error=str(err)), "corrupt_shard"

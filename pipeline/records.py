@@ -20,6 +20,8 @@ import binascii
 import os
 import re
 
+from pipeline.io import is_uri, join, read_bytes
+
 LAYOUTS = ("conversations", "messages", "cauldron", "caption", "canonical")
 MESSAGE_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
@@ -171,11 +173,17 @@ def load_images(refs: list, root: str, remote: bool) -> tuple[list[bytes], list[
             out.append(read_remote(ref))
             continue
         full = ref[len("file://"):] if ref.startswith("file://") else ref
-        full = full if os.path.isabs(full) else os.path.normpath(os.path.join(root, full))
+        if is_uri(root) and not os.path.isabs(full):  # an annotation on shared storage: its images beside it
+            full = join(root, full)
+        elif not os.path.isabs(full):
+            full = os.path.normpath(os.path.join(root, full))
         paths.append(full)
         try:
-            with open(full, "rb") as f:
-                out.append(f.read())
+            if is_uri(full):
+                out.append(read_bytes(full))
+            else:
+                with open(full, "rb") as f:
+                    out.append(f.read())
         except (OSError, ValueError):  # ValueError: a path with a NUL byte
             raise RecordProblem("missing_image", image_paths=paths) from None
     return out, paths

@@ -270,34 +270,49 @@ def test_video_entries_are_rejected(tmp_path, imgs):
     assert len(kept) == 1 and [r["reject_reason"] for r in rejected] == ["ingest:video_unsupported"]
 
 
-def test_remote_images_rejected_unless_configured(tmp_path, imgs, monkeypatch):
-    write_jsonl(tmp_path / "r.jsonl", [{"image": "s3://bucket/x/a.png", "conversations": conv()},
+def put(uri: str, data: bytes) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def test_remote_images_rejected_unless_configured(tmp_path, imgs, s3_bucket):
+    write_jsonl(tmp_path / "r.jsonl", [{"image": f"{s3_bucket}/x/a.png", "conversations": conv()},
                                        {"image": "https://example.org/b.png", "conversations": conv()}])
     _, rejected = read_all([str(tmp_path / "r.jsonl")])
     assert [r["reject_reason"] for r in rejected] == ["ingest:remote_image"] * 2
-    assert [json.loads(r["meta"])["uri"] for r in rejected] == ["s3://bucket/x/a.png", "https://example.org/b.png"]
-    moto = pytest.importorskip("moto.server")
-    import boto3
+    assert [json.loads(r["meta"])["uri"] for r in rejected] == [f"{s3_bucket}/x/a.png", "https://example.org/b.png"]
+    put(f"{s3_bucket}/x/a.png", imgs[0])
+    write_jsonl(tmp_path / "s3.jsonl", [{"image": f"{s3_bucket}/x/a.png", "conversations": conv()},
+                                        {"image": f"{s3_bucket}/x/missing.png", "conversations": conv()}])
+    kept, rejected = read_all([str(tmp_path / "s3.jsonl")], remote_images=True)
+    assert [r["images"] for r in kept] == [[imgs[0]]]
+    assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
+    assert json.loads(rejected[0]["meta"])["uri"] == f"{s3_bucket}/x/missing.png"
 
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            monkeypatch.setenv(k, v)
-        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-        s3.create_bucket(Bucket="bucket")
-        s3.put_object(Bucket="bucket", Key="x/a.png", Body=imgs[0])
-        write_jsonl(tmp_path / "s3.jsonl", [{"image": "s3://bucket/x/a.png", "conversations": conv()},
-                                            {"image": "s3://bucket/x/missing.png", "conversations": conv()}])
-        kept, rejected = read_all([str(tmp_path / "s3.jsonl")], remote_images=True)
-        assert [r["images"] for r in kept] == [[imgs[0]]]
-        assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
-        assert json.loads(rejected[0]["meta"])["uri"] == "s3://bucket/x/missing.png"
-    finally:
-        server.stop()
+
+def test_sources_on_s3(imgs, s3_bucket):
+    """A meta file, its JSONL and images, a JSON array and a hub folder of Parquet subsets, all on S3."""
+    root = f"{s3_bucket}/data"
+    for i, b in enumerate(imgs[:2]):
+        put(f"{root}/images/{i}.png", b)
+    lines = [{"id": "a", "image": "0.png", "conversations": conv()}, {"conversations": conv("Hi?", "Hello.")}]
+    put(f"{root}/ann.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())
+    put(f"{root}/meta.json", json.dumps({"cap": {"root": "images", "annotation": "ann.jsonl", "repeat_time": 2}}).encode())
+    put(f"{root}/llava.json", json.dumps([{"image": "images/1.png", "conversations": conv()}]).encode())
+    for subset in ("sroie", "chrome"):
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"images": [[{"bytes": imgs[0], "path": None}]],
+                                 "texts": [[{"user": "Q?", "assistant": subset, "source": subset}]]}), sink)
+        put(f"{s3_bucket}/hub/{subset}/train-00000-of-00001.parquet", sink.getvalue().to_pybytes())
+    kept, rejected = read_all([f"{root}/meta.json", f"{root}/llava.json", f"{s3_bucket}/hub"], rows_per_shard=1)
+    assert rejected == []
+    assert [r["id"] for r in kept] == ["cap/0", "cap/1", "cap/0#r1", "cap/1#r1", "llava/0",
+                                       "hub/chrome/train-00000-of-00001/0", "hub/sroie/train-00000-of-00001/0"]
+    assert [r["images"] for r in kept] == [[imgs[0]], [], [imgs[0]], [], [imgs[1]], [imgs[0]], [imgs[0]]]
+    assert kept[5]["conversations"][1]["value"] == "chrome"
 
 
 def test_https_images_through_fsspec(tmp_path, imgs):
