@@ -90,9 +90,26 @@ def cmd_pack(a) -> None:
     _done(os.path.join(a.out, "report", "summary.json"), s, ("samples", "packs", "token_fill", "rejected"))
 
 
+def _composed_model(a) -> str:
+    """--vit/--llm: assemble the model into OUT/_composed (kept on --resume) and train it as --model."""
+    from model.build import compose_checkpoint
+
+    if not (a.vit and a.llm):
+        raise UsageError("--vit and --llm go together (progressive scaling)")
+    if a.model:
+        raise UsageError("give --model, or --vit and --llm, not both")
+    if a.stage != "1":
+        raise UsageError("progressive scaling trains a new projector first: use --stage 1")
+    return str(compose_checkpoint(a.vit, a.llm, os.path.join(a.out, "_composed"), data_dir=a.data, reuse=a.resume))
+
+
 def cmd_train(a) -> None:
     from train.launcher import run_train
 
+    if a.vit or a.llm:  # progressive scaling (InternVL 2.5 §3.3): ViT of a stage-1.5 run + a larger LLM
+        a.model = _composed_model(a)
+    elif not a.model:
+        raise UsageError("train needs --model, or --vit and --llm")
     s = run_train(stage=a.stage, data=a.data, model=a.model, out=a.out, resume=a.resume, workers=a.workers,
                   use_gpu=a.gpu, config=a.config, max_steps=a.max_steps, address=a.address)
     print(f"trained: {json.dumps(s, default=str)[:300]}\ncheckpoint: {a.out}")
@@ -256,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one InternVL 2.5 stage on packed shards (Ray Train)")
     p.add_argument("--stage", required=True, choices=["1", "1.5", "2"])
     p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True, help="checkpoint folder or preset (tiny, 1b)")
+    p.add_argument("--model", default=None, help="checkpoint folder or preset (tiny, 1b, 2b, 4b, 8b)")
+    p.add_argument("--vit", default=None, help="progressive scaling: a stage-1.5 run (or checkpoint) whose ViT is kept")
+    p.add_argument("--llm", default=None, help="progressive scaling: the LLM (HF causal-LM dir, InternVL checkpoint "
+                   "or preset); a new projector joins them")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--workers", type=int, default=1)

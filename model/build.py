@@ -15,6 +15,7 @@ Ways in:
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 __all__ = [
     "PRESETS", "Preset", "SPECIAL_TOKENS", "TOKENS_PER_TILE", "IMG_CONTEXT", "IMG_END", "IMG_START",
-    "attach_tokenizer", "build_empty", "build_model", "canonical_keys", "compose", "ensure_special_tokens", "from_checkpoint",
+    "attach_tokenizer", "build_empty", "build_model", "canonical_keys", "compose_checkpoint", "compose", "ensure_special_tokens", "from_checkpoint",
     "from_preset", "internvl_config", "load_tokenizer", "load_weights", "materialize", "read_state_dict",
     "resize_embeddings_mean",
 ]
@@ -286,6 +287,66 @@ def compose(
     load_weights(model, {**vision_sd, **llm_sd, **proj}, strict=True)
     attach_tokenizer(model, tokenizer)
     return model, tokenizer
+
+
+def _saved_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's weights were saved in (config.json `dtype` / `torch_dtype`); fp32 if unsaid."""
+    cfg = Path(path) / "config.json"
+    raw = json.loads(cfg.read_text()) if cfg.exists() else {}
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _check_same_vocabulary(data_tok: PreTrainedTokenizerBase, llm_from: str | Path) -> None:
+    """The packed ids must mean what the LLM learned: its own tokens keep their ids in the data's tokenizer."""
+    from transformers import AutoTokenizer
+
+    if not (Path(llm_from) / "tokenizer_config.json").exists():
+        return
+    own, data = AutoTokenizer.from_pretrained(str(llm_from)).get_vocab(), data_tok.get_vocab()
+    moved = [t for t, i in own.items() if data.get(t) != i]
+    if moved:
+        raise ValueError(f"the data was packed with another tokenizer than --llm {llm_from}'s "
+                         f"({len(moved)} of its tokens have other ids, e.g. {moved[0]!r})")
+
+
+def compose_checkpoint(
+    vision_from: str | Path,
+    llm_from: str | Path,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    reuse: bool = False,
+    seed: int = 0,
+) -> Path:
+    """`compose` written as an HF checkpoint dir (with its processor) that a stage-1 run takes as `--model`.
+
+    The vocabulary is the packed data's tokenizer (DATA/tokenizer/) when there is one, so every packed id is
+    in range. Weights are saved in the widest dtype the sources were saved in (bf16 stays bf16). With
+    `reuse`, an already composed `out_dir` is kept (a resumed run trains the same model)."""
+    from model.processor import save_processor
+
+    out_dir, llm_from = Path(out_dir), str(llm_from)
+    if reuse and _is_internvl(out_dir):
+        return out_dir
+    if not _is_internvl(vision_from):
+        raise FileNotFoundError(f"--vit {vision_from}: not an InternVL checkpoint (give a stage-1.5 run's OUT)")
+    if llm_from not in PRESETS and not (Path(llm_from) / "config.json").exists():
+        raise FileNotFoundError(f"--llm {llm_from}: neither a preset ({sorted(PRESETS)}) nor a model dir")
+    tok = None
+    if data_dir is not None and (Path(data_dir) / "tokenizer").exists():
+        tok = load_tokenizer(Path(data_dir) / "tokenizer")
+        if llm_from not in PRESETS:
+            _check_same_vocabulary(tok, llm_from)
+    model, tok = compose(vision_from, llm_from, tokenizer=tok, seed=seed)
+    dtypes = {_saved_dtype(vision_from), torch.float32 if llm_from in PRESETS else _saved_dtype(llm_from)}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(dtype).save_pretrained(str(tmp))
+    save_processor(tmp, tok)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
 
 
 def build_model(

@@ -434,7 +434,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, src_format: str, dst_fo
         if (src / f).exists():
             shutil.copy2(src / f, dst / f)
     if src_format == "opengvlab":
-        out, config = opengvlab_to_hf(sd, raw, _image_token_id(src))
+        from model.build import build_empty, load_weights
+
+        current, config = opengvlab_to_hf(sd, raw, _image_token_id(src))
+        load_weights(build_empty(config), current, strict=True)  # every tensor named and shaped for the model
+        out = opengvlab_to_legacy_hf(sd, raw, config)  # the names -hf checkpoints (and save_pretrained) use
+        if config.tie_word_embeddings:
+            out.pop("language_model.lm_head.weight", None)
         config.save_pretrained(str(dst))
         _save_safetensors(out, dst / "model.safetensors")
         from model.processor import save_processor
