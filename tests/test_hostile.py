@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline.ingest import ingest_task
 from pipeline.io import read_marker
-from pipeline.readers import ConfigError, entries_from_sources, plan_tasks, read_task
+from pipeline.readers import ConfigError, count_input, entries_from_sources, plan_tasks, read_task
 
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=50))
 JSON = st.recursive(JSON_LEAF, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
@@ -109,6 +109,7 @@ def test_tar_reader_survives_anything(tmp_path_factory, members, cut):
         return
     for t in tasks:
         kept, rejected = read_task(t)
+        assert count_input(t) == len(kept) + len(rejected)  # the header count agrees with the reader, cut or not
         assert all(r["reject_reason"].startswith("ingest:") for r in rejected)
         assert len({r["id"] for r in kept + rejected}) == len(kept) + len(rejected)
     assert files_under(d) == before
