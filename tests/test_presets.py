@@ -133,3 +133,34 @@ def test_meta_build_then_load_equals_from_pretrained(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         load_weights(materialize(from_checkpoint(tmp_path, meta=True)),
                      {k: v for k, v in ref.state_dict().items() if "lambda_1" not in k})
+
+
+def test_load_weights_into_an_fsdp2_sharded_meta_model(tmp_path):
+    """The FSDP path: build on meta, shard, give storage, load the full checkpoint into the shards."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this session")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(0)
+    from_preset("tiny", vocab_size=512).save_pretrained(tmp_path)
+    ref = from_checkpoint(tmp_path)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = from_checkpoint(tmp_path, meta=True)
+        for layer in [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]:
+            fully_shard(layer)
+        fully_shard(model)
+        materialize(model)
+        load_weights(model, tmp_path)
+        assert type(model.lm_head.weight).__name__ == "DTensor"
+        ids = torch.randint(0, 500, (1, 13))
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    finally:
+        dist.destroy_process_group()
