@@ -102,10 +102,10 @@ def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference:
     import yaml
 
     from operators.base import REJECT, REVIEW, build_operator
-    from pipeline.curate import load_operators
     from pipeline.schema import rows_to_table
 
-    load_operators()
+    for mod in ("image_checks", "fasttext_ops", "text_rules", "ngram_repetition"):  # registers them (no Ray)
+        __import__(f"operators.{mod}")
     with open(config) as f:
         stages = yaml.safe_load(f)["stages"]
     ops = [build_operator(dict(s)) for s in stages]

@@ -36,10 +36,10 @@ def run_config(items: list[dict], stages: list[dict]) -> list[list[str]]:
     import pyarrow as pa
 
     from operators.base import REJECT, build_operator
-    from pipeline.curate import load_operators
     from pipeline.schema import rows_to_table
 
-    load_operators()
+    for mod in ("image_checks", "fasttext_ops", "text_rules", "ngram_repetition"):  # registers them (no Ray)
+        __import__(f"operators.{mod}")
     ops = [build_operator(dict(s)) for s in stages]
     for op in ops:
         op.setup()

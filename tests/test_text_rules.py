@@ -295,3 +295,24 @@ def test_fast_rules_match_the_definitions_on_any_unicode(text, lang):
 def test_hashed_repetition_ratio_equals_the_definition(words, n):
     text = " ".join(words)
     assert repetition_ratio(text, n) == repetition_ratio_reference(text, n)
+
+
+def test_c4_and_fineweb_rule_sets_are_options():
+    p = TextRuleParams(rule_sets=["gopher", "c4"], min_stop_words=None)
+    sentences = PROSE + " It was a calm day. Nobody was in a hurry. The clock on the wall ticked slowly."
+    assert analyze(sentences, p)[0] == ""
+    assert analyze(sentences + "\nfunction f() { return 1; }", p)[0] == ""  # no terminal punctuation: not kept
+    assert analyze(sentences + "\nSee the code { here }.", p)[0] == "c4_curly_bracket"
+    assert analyze("Lorem ipsum dolor sit amet. " + sentences, p)[0] == "c4_lorem_ipsum"
+    assert analyze(PROSE.replace(".", ""), p)[0] == "c4_few_sentences"
+    fw = TextRuleParams(rule_sets=["fineweb"])
+    lines = "\n".join(f"item {i} in the menu of the page" for i in range(60))
+    assert analyze(lines, fw)[0] == "fineweb_line_punct"
+    assert analyze(PROSE, fw)[0] == ""
+
+
+def test_default_config_identifies_the_language_before_the_text_rules():
+    import yaml
+
+    stages = [s["op"] for s in yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/curate.yaml").read_text())["stages"]]
+    assert stages.index("language_id") < stages.index("text_rules")
