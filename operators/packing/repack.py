@@ -17,17 +17,29 @@ from operators.packing.sample import Pack, Record
 
 def first_fit_decreasing(records: Iterable[Record], max_tokens: int, max_tiles: int) -> list[Pack]:
     """Packs of `records` (each within both budgets): by decreasing size, each into the first pack
-    that holds it under both budgets, else a new one. Size is the larger of the record's shares of
-    the two budgets (exact integer comparison); ties keep the input order, so the result is a pure
-    function of the input."""
+    that holds it under both budgets, else a new one. Two budgets make "size" ambiguous, so three
+    orders are tried (the larger share of a budget, the sum of both shares, tokens) and the one with
+    the fewest packs wins, the first on a tie: over whole small sets of the bench's length workload
+    no one order is always best (300 samples, seed 1: 42/41 packs by max share/sum; 1,000 seed 1:
+    138/136). Ties inside an order keep the input order, so the result is a pure function of the input."""
     recs = list(records)
     for r in recs:
         if r[0] > max_tokens or r[1] > max_tiles or r[0] <= 0 or r[1] < 0:
             raise ValueError(f"record ({r[0]} tokens, {r[1]} tiles) is outside the budgets")
-    order = sorted(
-        range(len(recs)),
-        key=lambda i: (-max(recs[i][0] * max_tiles, recs[i][1] * max_tokens), -recs[i][0], -recs[i][1], i),
+    keys = (
+        lambda r: (-max(r[0] * max_tiles, r[1] * max_tokens), -r[0], -r[1]),  # exact integer shares
+        lambda r: (-(r[0] * max_tiles + r[1] * max_tokens), -r[0]),
+        lambda r: (-r[0], -r[1]),
     )
+    best = None
+    for key in keys:
+        packs = _first_fit(recs, sorted(range(len(recs)), key=lambda i: (*key(recs[i]), i)), max_tokens, max_tiles)
+        if best is None or len(packs) < len(best):
+            best = packs
+    return best
+
+
+def _first_fit(recs: list[Record], order: list[int], max_tokens: int, max_tiles: int) -> list[Pack]:
     packs: list[list] = []  # [tokens, tiles, records]
     for i in order:
         rec = recs[i]
