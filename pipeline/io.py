@@ -22,6 +22,7 @@ get the local scheme: a temp file in the same folder, then `move` (a rename).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -29,6 +30,7 @@ import os
 import posixpath
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -173,16 +175,17 @@ def size_and_mtime(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def list_files(folder: str | os.PathLike, suffixes: str | tuple[str, ...] = SHARD_SUFFIXES,
-               recursive: bool = True) -> list[str]:
+               recursive: bool = True, hidden: bool = False) -> list[str]:
     """Files under `folder` ending in one of `suffixes`, sorted, skipping names that start with '.' or '_'
-    (temp files, markers); [] if the folder does not exist."""
+    (temp files, markers) unless `hidden`; [] if the folder does not exist."""
     folder = str(folder)
+    skip = () if hidden else (".", "_")
     if not is_uri(folder):
         p = Path(folder)
         if not p.is_dir():
             return []
         found = p.rglob("*") if recursive else p.iterdir()
-        return sorted(str(f) for f in found if f.name.endswith(suffixes) and not f.name.startswith((".", "_"))
+        return sorted(str(f) for f in found if f.name.endswith(suffixes) and not (skip and f.name.startswith(skip))
                       and f.is_file())
     fs, root = resolve(folder)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -190,7 +193,7 @@ def list_files(folder: str | os.PathLike, suffixes: str | tuple[str, ...] = SHAR
     out = []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=recursive)):
         name = posixpath.basename(info.path)
-        if info.type == pafs.FileType.File and name.endswith(suffixes) and not name.startswith((".", "_")):
+        if info.type == pafs.FileType.File and name.endswith(suffixes) and not (skip and name.startswith(skip)):
             out.append(join(folder, info.path[len(root):].lstrip("/")))
     return sorted(out)
 
@@ -211,6 +214,36 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode()
+
+
+def local_dir(path: str | os.PathLike) -> str:
+    """A local folder with the files of `path` (for libraries that only read local folders, e.g. a saved
+    tokenizer): `path` itself when local, else a copy in a fresh temp folder (top-level files only)."""
+    path = str(path)
+    if _is_local(path):
+        return _local(path)
+    local = tempfile.mkdtemp(prefix="ivl-copy-")
+    for f in list_files(path, "", recursive=False, hidden=True):
+        with open(os.path.join(local, basename(f)), "wb") as out:
+            out.write(read_bytes(f))
+    return local
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[str]:
+    """A local folder to write into whose files end up in `path`: `path` itself when local, else a temp
+    folder whose top-level files are each committed to `path` on exit."""
+    path = str(path)
+    if _is_local(path):
+        os.makedirs(_local(path), exist_ok=True)
+        yield _local(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ivl-stage-") as local:
+        yield local
+        for name in sorted(os.listdir(local)):
+            if os.path.isfile(os.path.join(local, name)):
+                with open(os.path.join(local, name), "rb") as f:
+                    atomic_write_bytes(join(path, name), f.read())
 
 
 def makedirs(path: str | os.PathLike) -> None:
