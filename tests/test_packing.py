@@ -49,9 +49,10 @@ records = st.lists(
     buffer_size=st.integers(1, 40),
     reserve=st.sampled_from([0, 1, 8, 64]),
     small=st.sampled_from([None, 200]),
+    hold=st.sampled_from([0, 2, 128]),
 )
-def test_every_record_once_and_no_pack_over_budget(recs, mode, buffer_size, reserve, small):
-    kw = {"reserve_size": reserve, "reserve_max_tokens": small} if mode == "ivl" else {}
+def test_every_record_once_and_no_pack_over_budget(recs, mode, buffer_size, reserve, small, hold):
+    kw = {"reserve_size": reserve, "reserve_max_tokens": small, "hold_packs": hold} if mode == "ivl" else {}
     packer = Packer(1000, 12, buffer_size=buffer_size, mode=mode, **kw)
     packs = run(packer, recs)
     seen = Counter(r.payload for p in packs for r in p.records)
@@ -67,7 +68,7 @@ def test_every_record_once_and_no_pack_over_budget(recs, mode, buffer_size, rese
 @settings(max_examples=80, deadline=None)
 @given(recs=records, buffer_size=st.integers(1, 40), reserve=st.sampled_from([0, 4, 64]), small=st.sampled_from([None, 200]))
 def test_fused_loop_gives_the_same_packs_as_the_step_by_step_path(recs, buffer_size, reserve, small):
-    kw = {"buffer_size": buffer_size, "reserve_size": reserve, "reserve_max_tokens": small}
+    kw = {"buffer_size": buffer_size, "reserve_size": reserve, "reserve_max_tokens": small, "hold_packs": 0}
     a, b, c = Packer(1000, 12, **kw), Packer(1000, 12, **kw), Packer(1000, 12, **kw)
     fused = a.add_many(recs) + a.flush()
     assert ids_of(fused) == ids_of(run(b, recs))
@@ -76,7 +77,7 @@ def test_fused_loop_gives_the_same_packs_as_the_step_by_step_path(recs, buffer_s
 
 def test_search_takes_the_fullest_buffer_that_fits_both_budgets():
     # budgets 100 tokens / 10 tiles, no reserve: every step worked by hand.
-    p = Packer(100, 10, buffer_size=10, reserve_size=0)
+    p = Packer(100, 10, buffer_size=10, reserve_size=0, hold_packs=0)  # the streaming policy itself
     A, B, C, D, E = (Record(60, 5, "A"), Record(70, 1, "B"), Record(25, 6, "C"), Record(35, 6, "D"), Record(35, 0, "E"))
     assert p.add(A) == [] and p.add(B) == []  # B does not fit A's buffer (130 tokens): a second buffer
     # C fits B's buffer (room 30, 9 tiles) and not A's (room 40 but 5 tiles): 95 tokens, 5 left < 25 -> out
@@ -88,7 +89,7 @@ def test_search_takes_the_fullest_buffer_that_fits_both_budgets():
 
 
 def test_buffer_at_the_tile_budget_still_takes_text():
-    p = Packer(100, 4, buffer_size=10, reserve_size=0)
+    p = Packer(100, 4, buffer_size=10, reserve_size=0, hold_packs=0)
     p.add(Record(50, 4, "A"))  # out of tiles, 50 tokens of room
     p.add(Record(40, 2, "B"))  # cannot join A (tiles): own buffer, 60 of room
     assert ids_of(p.add(Record(45, 0, "C"))) == [["A", "C"]]  # best fit: A's 50 of room -> 95 -> out
@@ -96,7 +97,7 @@ def test_buffer_at_the_tile_budget_still_takes_text():
 
 
 def test_fullest_buffer_is_evicted_over_capacity():
-    p = Packer(100, 10, buffer_size=2, reserve_size=0)
+    p = Packer(100, 10, buffer_size=2, reserve_size=0, hold_packs=0)
     assert p.add(Record(70, 0, "A")) == [] and p.add(Record(50, 0, "B")) == []
     assert ids_of(p.add(Record(60, 0, "C"))) == [["A"]]  # three open, capacity 2: the fullest (A) leaves
     assert ids_of(p.flush()) == [["C"], ["B"]]  # flush: fullest first
@@ -139,7 +140,7 @@ def test_internvl_mode_yields_the_head_at_the_tile_budget_and_is_first_fit():
     recs = [Record(50, 1, "A"), Record(70, 1, "B"), Record(25, 1, "C")]
     first = Packer(100, 10, mode="internvl", buffer_size=20)
     assert ids_of(run(first, recs)) == [["A", "C"], ["B"]]  # the first in list order (A) takes C
-    best = Packer(100, 10, buffer_size=20, reserve_size=0)
+    best = Packer(100, 10, buffer_size=20, reserve_size=0, hold_packs=0)
     assert ids_of(run(best, recs)) == [["B", "C"], ["A"]]  # the fullest that fits (B) takes C: 95 -> out
 
 

@@ -74,3 +74,18 @@ def test_the_tail_closes_the_gap_a_flush_leaves():
     check(tailed, recs)
     lb = lower_bound(recs)
     assert len(tailed) <= 1.01 * lb and len(tailed) < len(flushed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(recs=records, hold=st.integers(1, 30))
+def test_a_held_stream_is_packed_whole_and_never_worse_than_streaming(recs, hold):
+    held = Packer(MAX_TOKENS, MAX_TILES, buffer_size=4, hold_packs=hold)
+    packs = held.add_many(recs[: len(recs) // 2]) + held.add_many(recs[len(recs) // 2 :]) + held.finish()
+    check(packs, recs)
+    streaming = Packer(MAX_TOKENS, MAX_TILES, buffer_size=4, hold_packs=0)
+    streamed = streaming.add_many(recs) + streaming.finish()
+    small = sum(r.tokens for r in recs) <= hold * MAX_TOKENS and sum(r.tiles for r in recs) <= hold * MAX_TILES
+    if small:  # held to the end: the better of FFD over all and the stream
+        assert len(packs) == min(len(streamed), len(first_fit_decreasing(recs, MAX_TOKENS, MAX_TILES)))
+    else:  # too big to hold: exactly the streaming packs
+        assert packs == streamed
