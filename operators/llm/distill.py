@@ -81,7 +81,7 @@ def distill_quality(
 
     idx = sample_indices(table.num_rows, sample_size, seed)
     verdict = op(table.take(pa.array(idx)))
-    scores = np.asarray(verdict.columns["score_quality"], dtype=np.float64)
+    scores = np.array(verdict.columns["score_quality"].to_pylist(), dtype=np.float64)  # null -> NaN
     texts = [one_line(render_sample(c, op.params.turns)) for c in table.column("conversations").to_pylist()]
     ok = np.flatnonzero(~np.isnan(scores))
     if edges is None and quantiles and len(ok):

@@ -8,12 +8,17 @@
 
 A band of +-`review_band` around the threshold goes to review instead (the expected score of a
 0-10 distribution is uncertain near the cut), so `review_band: 0` reproduces the paper's rule.
-Rows whose scoring fails go to review with rule "error" and the message in `llm_<task>_error`;
-rows an operator does not score (skipped) are kept with NaN scores.
+A row whose scoring fails goes to review with rule "error" and the message in `llm_<task>_error`;
+a row whose probability mass on the score tokens is below `min_mass` goes to review with rule
+"low_mass" (the model was not answering with a score, so its distribution means little); rows an
+operator does not score (skipped) are kept with null scores. A backend that fails as a whole (engine
+dead, server down, bad key) raises: the shard fails, writes no marker, and a rerun scores it.
 
-Columns (every row): `score_<task>` expected score, `score_<task>_argmax`, `dist_<task>` the
-distribution over 0..10 (list<float>, null where not scored), `llm_<task>_error` (null when fine);
-llm_quality adds `llm_quality_domain`.
+Columns (every row, null where not scored): `score_<task>` expected score, `score_<task>_argmax`,
+`dist_<task>` the distribution over 0..10 (list<float>), `llm_<task>_mass` the unnormalised
+probability on valid scores, `llm_<task>_approx` (null when the distribution is exact, else what
+approximated it, e.g. a top-5 cut of a server), `llm_<task>_error` (null when fine); llm_quality
+adds `llm_quality_domain`.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ def decide(
     band: float,
     inclusive: bool,
     reject_rule: str,
+    mass: np.ndarray | None = None,
+    min_mass: float = 0.0,
 ) -> Verdict:
     """Decisions from expected scores: reject below the band, review inside it, keep above.
 
     `inclusive` makes the lower edge rejecting (repetition: score <= 3 is rejected); NaN scores
-    without an error are rows the operator skipped (kept)."""
+    without an error are rows the operator skipped (kept); mass below `min_mass` -> review."""
     n = len(scores)
     v = Verdict.keep_all(n)
     lo, hi = threshold - band, threshold + band
@@ -53,6 +60,9 @@ def decide(
             continue
         s = scores[i]
         if math.isnan(s):
+            continue
+        if mass is not None and mass[i] < min_mass:
+            v.flag(i, "low_mass", REVIEW)
             continue
         if (s <= lo) if inclusive else (s < lo):
             v.flag(i, reject_rule, REJECT)
@@ -79,7 +89,7 @@ class _LLMScoreOperator(Operator):
             self.backend = make_backend(self.params.backend)
 
     def thresholds(self) -> dict[str, list[float]]:
-        return {f"score_{self.task}": [self.params.threshold]}
+        return {f"score_{self.task}": [self.params.threshold], f"llm_{self.task}_mass": [self.params.min_mass]}
 
     def plan(self, table: pa.Table) -> tuple[list[tuple[str, str] | None], list[str | None]]:
         """Per row: (prompt template, sample text) or None to skip; plus per-row extra label."""
@@ -95,29 +105,28 @@ class _LLMScoreOperator(Operator):
             if p is not None:
                 by_template.setdefault(p[0], []).append(i)
         for template, rows in by_template.items():
-            try:
-                scored = self.backend.score(template, [plan[i][1] for i in rows])
-            except Exception as e:  # noqa: BLE001 - a backend failure sends its rows to review, never loses them
-                scored = [ScoreResult.failed(f"{type(e).__name__}: {e}")] * len(rows)
+            # no try: a backend that raises (engine dead, outage) fails the shard, so no marker hides it
+            scored = self.backend.score(template, [plan[i][1] for i in rows])
             for i, r in zip(rows, scored):
                 results[i] = r
         return self.verdict(results, labels)
 
     def verdict(self, results: list[ScoreResult | None], labels: list[str | None]) -> Verdict:
         t = self.task
-        expected = np.array([r.expected if r is not None else math.nan for r in results], dtype=np.float64)
-        argmax = np.array(
-            [r.argmax if r is not None and r.ok else math.nan for r in results], dtype=np.float64
-        )
+        ok = [r is not None and r.ok for r in results]
+        missing = ~np.array(ok, dtype=bool)
+        expected = np.array([r.expected if k else math.nan for r, k in zip(results, ok)], dtype=np.float64)
+        mass = np.array([r.mass if k else math.nan for r, k in zip(results, ok)], dtype=np.float64)
         errors = [r.error if r is not None else None for r in results]
-        v = decide(
-            expected, errors, self.params.threshold, self.params.review_band, self.inclusive, self.reject_rule
-        )
-        # numpy / plain lists: the runner scatters values per row back into the full batch
-        v.columns[f"score_{t}"] = expected
-        v.columns[f"score_{t}_argmax"] = argmax
-        v.columns[f"dist_{t}"] = [r.dist if r is not None and r.ok else None for r in results]
-        v.columns[f"llm_{t}_error"] = errors
+        p = self.params
+        v = decide(expected, errors, p.threshold, p.review_band, self.inclusive, self.reject_rule, mass, p.min_mass)
+        # Arrow arrays with nulls (never NaN) where a row was not scored; the runner scatters them
+        v.columns[f"score_{t}"] = pa.array(expected, pa.float64(), mask=missing)
+        v.columns[f"score_{t}_argmax"] = pa.array([r.argmax if k else None for r, k in zip(results, ok)], pa.int64())
+        v.columns[f"dist_{t}"] = pa.array([r.dist if k else None for r, k in zip(results, ok)], pa.list_(pa.float64()))
+        v.columns[f"llm_{t}_mass"] = pa.array(mass, pa.float64(), mask=missing)
+        v.columns[f"llm_{t}_approx"] = pa.array([r.approx if k else None for r, k in zip(results, ok)], pa.string())
+        v.columns[f"llm_{t}_error"] = pa.array(errors, pa.string())
         if any(lab is not None for lab in labels):
             v.columns[f"llm_{t}_domain"] = labels
         return v
@@ -143,6 +152,9 @@ class LLMQuality(_LLMScoreOperator):
         threshold: float = Field(7.0, description="expected score below this is rejected (paper: 7)")
         review_band: float = Field(
             0.5, ge=0, description="scores within +- this of the threshold go to review"
+        )
+        min_mass: float = Field(
+            0.05, ge=0, le=1, description="rows whose probability on the score tokens is below this go to review"
         )
         domains: dict[str, str] = Field(
             default_factory=dict, description="source or category -> domain prompt"
@@ -198,6 +210,9 @@ class LLMRepetition(_LLMScoreOperator):
         threshold: float = Field(3.0, description="expected score at or below this is rejected (paper: 3)")
         review_band: float = Field(
             0.5, ge=0, description="scores within +- this of the threshold go to review"
+        )
+        min_mass: float = Field(
+            0.05, ge=0, le=1, description="rows whose probability on the score tokens is below this go to review"
         )
         turns: str = Field("gpt", description="turns shown to the rater: gpt (assistant) | all | human")
         exempt_sources: list[str] = Field(

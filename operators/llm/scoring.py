@@ -56,6 +56,7 @@ class ScoreResult:
     error: str | None = None  # set when scoring failed; the other fields are NaN/-1/[]
     prompt_tokens: int = 0  # tokens in the prompt as scored (after truncation)
     truncated: bool = False  # the sample text was cut to fit the context
+    approx: str | None = None  # None: exact distribution; else what approximated it (e.g. "top5")
 
     @classmethod
     def failed(cls, message: str, prompt_tokens: int = 0) -> ScoreResult:
@@ -132,9 +133,10 @@ def combine(first: np.ndarray, after_one: np.ndarray | None, mode: str) -> tuple
 
 
 def result_from_dist(
-    dist: np.ndarray, mass: float, prompt_tokens: int = 0, truncated: bool = False
+    dist: np.ndarray, mass: float, prompt_tokens: int = 0, truncated: bool = False, approx: str | None = None
 ) -> ScoreResult:
     return ScoreResult(
+        approx=approx,
         expected=float(np.dot(dist, SCORES)),
         argmax=int(np.argmax(dist)),
         dist=[float(x) for x in dist],

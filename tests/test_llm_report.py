@@ -1,0 +1,28 @@
+"""The curate report's LLM part: per-domain score and score-token mass histograms, null scores."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline.io import write_parquet_atomic
+from pipeline.llm_report import llm_plots
+
+
+def test_per_domain_score_and_mass_histograms_from_null_scored_rows(tmp_path):
+    def row(domain, score, mass, error=None, review=""):
+        return {"id": f"x/{domain}-{score}-{mass}", "score_quality": score, "llm_quality_domain": domain,
+                "llm_quality_mass": mass, "llm_quality_error": error, "review_reason": review}
+
+    kept = [row("general", 8.0, 0.6), row("general", 7.8, 0.3), row("mathematics", 9.1, 0.5),
+            row(None, None, None)]  # an image row the quality operator skipped: null, not NaN
+    review = [row("general", None, None, "ServerError: down", "llm_quality:error"),
+              row("mathematics", 8.0, 0.01, review="llm_quality:low_mass")]
+    for split, rows in (("kept", kept), ("review", review)):
+        write_parquet_atomic(pa.Table.from_pylist(rows), str(tmp_path / split / "s.parquet"))
+    summary = {"stage_seconds": {"llm_quality": 1.0}, "operators": {"llm_quality": {"review": 2}}}
+    fig = llm_plots(str(tmp_path), summary, {"score_quality": [7.0], "llm_quality_mass": [0.05]})["llm_quality"]
+    assert (fig["rows"], fig["scored"], fig["kept"], fig["review"]) == (5, 5, 3, 2)
+    for name in ("llm_score_quality_general", "llm_score_quality_mathematics",
+                 "llm_mass_quality_general", "llm_mass_quality_mathematics"):
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000, name
+    assert not (tmp_path / "report" / "llm_mass_quality_other.png").exists()
