@@ -297,10 +297,16 @@ def materialise(datasets: list[Dataset], repeats: dict[str, float], cache: str) 
     meta: dict[str, dict] = {}
     achieved: dict[str, int] = {}
     names = {d.name for d in datasets}
+    carry: dict[str, float] = {}  # per category: what earlier prefixes overshot, so the category sum stays close
     for d in datasets:
         r = repeats.get(d.name, 0.0)
         whole = int(math.floor(r + 1e-9))
-        m, frac_tokens = prefix_tokens(cache, d, (r - whole) * d.tokens) if d.lines else (0, 0)
+        goal = (r - whole) * d.tokens - carry.get(d.category, 0.0)
+        if goal < 0 and whole >= 1:  # borrow from the whole repeats
+            whole -= 1
+            goal += d.tokens
+        m, frac_tokens = prefix_tokens(cache, d, max(goal, 0.0)) if d.lines else (0, 0)
+        carry[d.category] = carry.get(d.category, 0.0) + whole * d.tokens + frac_tokens - r * d.tokens
         if m >= d.lines and d.lines:  # the prefix is the whole file: one more whole repeat
             whole, m, frac_tokens = whole + 1, 0, 0
         achieved[d.name] = whole * d.tokens + frac_tokens
