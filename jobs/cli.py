@@ -110,8 +110,9 @@ def cmd_train(a) -> None:
         a.model = _composed_model(a)
     elif not a.model:
         raise UsageError("train needs --model, or --vit and --llm")
+    flags = {"grad_checkpointing": a.grad_checkpointing, "save_dtype": a.save_dtype}
     s = run_train(stage=a.stage, data=a.data, model=a.model, out=a.out, resume=a.resume, workers=a.workers,
-                  use_gpu=a.gpu, config=a.config, max_steps=a.max_steps, address=a.address)
+                  use_gpu=a.gpu, config=a.config, max_steps=a.max_steps, address=a.address, overrides=flags)
     print(f"trained: {json.dumps(s, default=str)[:300]}\ncheckpoint: {a.out}")
 
 
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--config", default=None, help="YAML overriding the stage preset")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing (default on: ViT always, LLM in stages 1.5 and 2)")
+    p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="dtype of saved weights (default bfloat16; training keeps fp32 masters)")
     _add_common(p)
     p.set_defaults(fn=cmd_train)
 

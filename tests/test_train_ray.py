@@ -69,3 +69,43 @@ def test_fsdp2_interrupted_and_resumed_matches_ddp(ray_local, train_tok, tmp_pat
     assert [r["plan_index"] for r in f] == [r["plan_index"] for r in d] == [[0, 1], [2, 3]]
     for a, b in zip(f, d):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, train_tok, tmp_path):
+    """A Ray Train worker SIGKILLed mid-run (what an OOM kill on a loaded node does, and what Ray reports
+    as "A worker health check failed"): the group restarts from the newest checkpoint, the data order
+    stays exact."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from train.launcher import run_train
+
+    data = small_packed_dataset(tmp_path / "packed", train_tok, n_rows=4, per_row=2, max_tiles=1)
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (out / "checkpoints" / "step_000002" / "trainer_state.pt").exists():
+            time.sleep(0.1)
+        for p in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    cfg = {"warmup_steps": 0, "save_every": 1}
+    summary = run_train("1", data, "tiny", out, workers=2, config=cfg, max_steps=6, use_ray=True)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker process was found to kill"
+    assert summary["finished"] and summary["steps"] == 6
+    assert int(summary["resumed_from"].rsplit("_", 1)[1]) >= 2  # the restart began at a checkpoint, not at 0
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert [r["plan_index"] for r in recs] == [[2 * s, 2 * s + 1] for s in range(6)]

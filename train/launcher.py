@@ -39,12 +39,17 @@ def plan_job(
     config: str | Path | dict | None = None,
     max_steps: int | None = None,
     stop_at_step: int | None = None,
+    overrides: dict | None = None,
 ) -> TrainJob:
-    """Resolve config, data, plan and resume point into a `TrainJob`."""
+    """Resolve config, data, plan and resume point into a `TrainJob`. `overrides` (CLI flags) win over
+    the config file, which wins over the stage preset."""
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(config, dict):
-        cfg = load_stage_config(stage, None, **{**config, "max_steps": max_steps or config.get("max_steps")})
+        cfg = load_stage_config(
+            stage, None, **{**config, **flags, "max_steps": max_steps or config.get("max_steps")}
+        )
     else:
-        cfg = load_stage_config(stage, config, max_steps=max_steps)
+        cfg = load_stage_config(stage, config, max_steps=max_steps, **flags)
     files = list_shards(data)
     counts = shard_row_counts(files)
     fingerprint = data_fingerprint(files, counts)
@@ -101,15 +106,17 @@ def run_train(
     address: str | None = None,
     stop_at_step: int | None = None,
     cpus_per_worker: float = 1.0,
+    max_failures: int = 3,
+    overrides: dict | None = None,
 ) -> dict:
     """Train one stage; returns the summary written to OUT/report/summary.json."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    job = plan_job(stage, data, model, out, resume, workers, use_gpu, config, max_steps, stop_at_step)
+    job = plan_job(stage, data, model, out, resume, workers, use_gpu, config, max_steps, stop_at_step, overrides)
     if not use_ray:
         if workers != 1:
             raise ValueError("without Ray the loop runs one worker")
         return run_local(job)
-    return _run_ray(job, workers, use_gpu, address, cpus_per_worker)
+    return _run_ray(job, workers, use_gpu, address, cpus_per_worker, max_failures)
 
 
 def _ordered():
@@ -120,9 +127,11 @@ def _ordered():
     return opts
 
 
-def _run_ray(job: TrainJob, workers: int, use_gpu: bool, address: str | None, cpus_per_worker: float) -> dict:
+def _run_ray(
+    job: TrainJob, workers: int, use_gpu: bool, address: str | None, cpus_per_worker: float, max_failures: int
+) -> dict:
     import ray
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.session import init_ray
@@ -150,7 +159,13 @@ def _run_ray(job: TrainJob, workers: int, use_gpu: bool, address: str | None, cp
             use_gpu=use_gpu,
             resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
         ),
-        run_config=RunConfig(name=f"ivl-train-stage{job.stage['stage']}", storage_path=str(out / "ray")),
+        run_config=RunConfig(
+            name=f"ivl-train-stage{job.stage['stage']}",
+            storage_path=str(out / "ray"),
+            # a worker that dies (OOM-killed on a loaded node, a lost node) fails Ray Train's health
+            # check ("A worker health check failed"): restart the group from the newest checkpoint
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
         datasets=datasets,
         # no split: every rank reads only its own `rank<r>` plan, in plan order, so it is exact and resumable
         dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered()),

@@ -26,6 +26,7 @@ from model.build import build_model, from_checkpoint, load_tokenizer
 from train import attention as A
 from train.checkpoint import (
     full_state_dict,
+    latest_checkpoint,
     load_master_weights,
     load_optimizer_state,
     load_trainer_state,
@@ -396,6 +397,7 @@ def train(
         "finished": finished,
         "final_loss": rec.get("loss"),
         "skipped_steps": skipped_steps,
+        "resumed_from": job.resume_from,  # set by --resume, or by Ray Train restarting a failed group
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "out": str(out),
     }
@@ -428,11 +430,20 @@ def train_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     shard = ray.train.get_dataset_shard(f"rank{rank}")
+    planned_start = job.start_step * StageConfig(**job.stage).grad_accum
+    if ray.train.get_checkpoint() is not None:
+        # Ray Train restarted the worker group after a worker died (FailureConfig): go on from the
+        # newest complete checkpoint in OUT, exactly as --resume would
+        latest = latest_checkpoint(Path(job.out))
+        if latest is not None:
+            job.resume_from = str(latest)
 
     def batches(start_micro: int) -> Iterator[dict]:
-        # the driver built this dataset from start_micro on already (see launcher)
-        for b in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
-            yield {k: v[0] for k, v in b.items()}
+        # the driver built this dataset from the job's start on; after a restart skip what was trained
+        skip = start_micro - planned_start
+        for i, b in enumerate(shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2)):
+            if i >= skip:
+                yield {k: v[0] for k, v in b.items()}
 
     def report(metrics: dict, ckpt: Path | None) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
