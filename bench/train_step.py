@@ -14,6 +14,9 @@ small set built from real images and SmolLM2's tokenizer), and the same steps in
 
     .venv/bin/python bench/train_step.py            # GPU
     .venv/bin/python bench/train_step.py --cpu      # CPU, Ray Train 2 workers
+
+`bench/gpu_train.sh` is the prepared GPU check as `ivl train` runs (fp32 master weights under bf16 autocast,
+48 tiles, activation checkpointing); this script's GPU mode keeps the issue-7 setup (pure bf16 weights).
 """
 
 from __future__ import annotations
