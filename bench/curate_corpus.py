@@ -58,6 +58,7 @@ def baseline_module():
         f.write(src.replace('os.path.join(os.path.dirname(__file__), "..", "jobs"', f'os.path.join({ROOT!r}, "jobs"'))
     spec = importlib.util.spec_from_file_location(f"curate_{BASELINE}", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # pydantic resolves the config's annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 

@@ -354,7 +354,7 @@ def run_segment(batch: pa.Table, specs: list[dict], last: bool, job: dict) -> pa
 UNIT_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
                          ("state", pa.binary()), ("error", pa.string())])
 VERDICT_DIR, DECISION_DIR = "_verdicts", "_dedup"
-UNIT_MEMORY = 256 << 20  # bytes a task segment asks Ray for: one shard (DEFAULT_BYTES_PER_SHARD) in memory
+UNIT_MEMORY = 512 << 20  # bytes a task segment asks Ray for: one shard (<= 256 MiB of rows) and its verdicts
 
 
 def finish_unit(table: pa.Table, unit: dict, job: dict) -> None:
@@ -460,9 +460,11 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
         ds.set_name("ivl-curate:operators")
         ds = ds.materialize()
         store.add(ds)
+    phase_bytes = {"operators": store.total}
     dedup_stats = None
     if staged:
         dedup_stats = _dedup_to_shards(out_dir, units, cfg, store)
+        phase_bytes["dedup"] = store.total - phase_bytes["operators"]
         todo_route = [u for u in units if not routed(u.key)]
         if todo_route:
             ds = ray.data.from_items([{"key": u.key, "path": u.path, "rows": u.rows} for u in todo_route],
@@ -471,6 +473,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             ds.set_name("ivl-curate:route")
             ds = ds.materialize()
             store.add(ds)
+        phase_bytes["route"] = store.total - phase_bytes["operators"] - phase_bytes["dedup"]
         for sub in (VERDICT_DIR, DECISION_DIR):  # every unit is routed now
             shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
     markers = read_markers(out_dir, units)
@@ -482,7 +485,8 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             operators.setdefault(reason.split(":")[0], Counter())[split] += n
     summary.update(operators={k: dict(v) for k, v in operators.items()}, shards=len(files),
                    resumed_shards=len(files) - len(todo), seconds=round(time.time() - t0, 2),
-                   input_bytes=sum(os.path.getsize(f) for f in files), object_store_bytes=store.total)
+                   input_bytes=sum(os.path.getsize(f) for f in files), object_store_bytes=store.total,
+                   object_store_bytes_by_phase=phase_bytes)
     if dedup_stats:
         summary["dedup"] = dedup_stats
     write_plots(out_dir, summary, stage_thresholds(cfg))

@@ -49,16 +49,23 @@ def sample_shards(ray_local, sample_meta, tmp_path_factory):
 
 @pytest.mark.slow
 def test_no_content_goes_through_the_object_store_and_actor_pools_decide_alike(ray_local, sample_shards, tmp_path):
-    """Default config (its operators + exact/MinHash dedup) over the sample with its real images: the
-    bytes Ray Data's operators put into the object store are a small share of the input (only
-    verdicts and key rows move), and language ID in an actor pool decides exactly as in tasks."""
+    """Default config (its operators + exact/MinHash dedup, text-only so the sample's templated
+    captions are removed) over the sample with its real images: the operator and routing phases put
+    only unit rows into Ray's object store (no content), dedup only key rows (a bound per row that
+    does not grow with the images); language ID in an actor pool decides exactly as in tasks."""
     cfg = load_curate_config(None)
+    cfg = cfg.model_copy(update={"dedup": {**cfg.dedup, "text_only": True}})
     s = run_curate(str(sample_shards), str(tmp_path / "tasks"), cfg)
     arrow = sum(read_canonical(f).nbytes for f in list_input_shards(str(sample_shards)))
-    assert 0 < s["object_store_bytes"] < 0.25 * arrow, (s["object_store_bytes"], arrow)
+    phases = s["object_store_bytes_by_phase"]
+    assert phases["operators"] + phases["route"] < 0.01 * arrow, (phases, arrow)
+    key_rows = s["input"] - s["rejected"] + s["dedup"]["removed"]  # the rows dedup saw
+    # key rows only: 512-byte signatures, ids and band keys, moved a few times (a fixed cost per row)
+    assert 0 < phases["dedup"] < 20_000 * key_rows, (phases, key_rows)
     assert s["dedup"]["removed"] > 0 and s["input"] == s["kept"] + s["rejected"] + s["review"]
     assert not os.path.exists(tmp_path / "tasks" / "_verdicts") and not os.path.exists(tmp_path / "tasks" / "_stage")
-    assert set(s["histograms"]) >= {"score_lang"} and os.path.getsize(tmp_path / "tasks" / "report" / "hist_score_lang.png") > 1000
+    assert "score_lang" in s["histograms"]
+    assert os.path.getsize(tmp_path / "tasks" / "report" / "hist_score_lang.png") > 1000
     s2 = run_curate(str(sample_shards), str(tmp_path / "actors"), cfg.model_copy(update={"cpu_models": "actors"}))
     assert s2["stage_rows"] == s["stage_rows"]
     assert data_files(tmp_path / "tasks") == data_files(tmp_path / "actors")
