@@ -151,14 +151,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N documents only")
     ap.add_argument("--config", default=os.path.join(ROOT, "jobs/configs/curate.yaml"))
     ap.add_argument("--skip-curate", action="store_true")
+    ap.add_argument("--skip-gopher", action="store_true", help="skip the gopher_decide vs DataTrove part")
     args = ap.parse_args()
 
     texts = load_corpus(args.corpus, args.limit)
     n, mb = len(texts), sum(map(len, texts)) / 1e6
     print(f"corpus: {n} docs, {mb:.1f} M chars ({args.corpus})")
-    ours, t_ours = time_ivl(texts)
+    ours, t_ours = time_ivl(texts) if not args.skip_gopher else ([], 1.0)
+    dt = time_datatrove(texts) if not args.skip_gopher else None
     print(f"ivl gopher_decide (quality+repetition): {n / t_ours:,.0f} docs/CPU-s ({t_ours:.2f} s)")
-    dt = time_datatrove(texts)
     if dt is None:
         print("datatrove not importable: baseline skipped")
     else:

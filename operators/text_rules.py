@@ -478,15 +478,16 @@ def _ngram_reason(words: list[str], lens: np.ndarray, p: TextRuleParams, scale: 
         glen = cum[n:] - cum[:-n]
         if cmax is not None and cmax * int(glen.max()) / total <= frac:
             continue  # even cmax occurrences of the longest n-gram would cover too little
-        hn = np.sort(hashes(n))
-        runs = np.flatnonzero(np.diff(hn)) if len(hn) > 1 else np.zeros(0, np.int64)
-        cmax = int(np.diff(runs, prepend=-1, append=len(hn) - 1).max())  # the largest count
+        order = np.argsort(hashes(n), kind="stable")  # equal n-grams grouped, each group in text order
+        sorted_h = hashes(n)[order]
+        starts = np.flatnonzero(np.concatenate(([True], sorted_h[1:] != sorted_h[:-1])))
+        counts = np.diff(starts, append=len(order))
+        cmax = int(counts.max())
         if cmax * int(glen.max()) / total <= frac:
             continue
-        _, first, inverse, counts = np.unique(hashes(n), return_index=True, return_inverse=True,
-                                              return_counts=True)
-        top = int(np.argmin(np.where(counts == cmax, first, n_words)))  # ties: the first to appear
-        if _coverage(np.flatnonzero(inverse == top), n, cum) / total > frac:
+        best = np.flatnonzero(counts == cmax)
+        g = best[np.argmin(order[starts[best]])]  # ties: the n-gram that appears first
+        if _coverage(np.sort(order[starts[g] : starts[g] + cmax]), n, cum) / total > frac:
             return f"top_{rule_n}_gram"
     bound = None
     for rule_n, frac in sorted(p.dup_ngram_char_frac.items()):
@@ -494,16 +495,15 @@ def _ngram_reason(words: list[str], lens: np.ndarray, p: TextRuleParams, scale: 
         if n_words < n or (bound is not None and bound / total <= frac):
             continue
         hn = hashes(n)
-        if len(np.unique(hn)) == len(hn):
+        order = np.argsort(hn, kind="stable")
+        same = hn[order[1:]] == hn[order[:-1]]
+        if not same.any():
             break  # no n-gram repeats, so no longer one does either
-        _, first, inverse = np.unique(hn, return_index=True, return_inverse=True)
-        starts = np.flatnonzero(first[inverse] != np.arange(len(inverse)))  # copies of an earlier n-gram
-        covered = _coverage(starts, n, cum) if len(starts) else 0
+        copies = np.sort(order[1:][same])  # later members of a group copy an earlier occurrence
+        covered = _coverage(copies, n, cum)
         if covered / total > frac:
             return f"dup_{rule_n}_gram"
         bound = covered  # the next n covers no more
-        if not covered:
-            break
     return ""
 
 
