@@ -314,6 +314,7 @@ def test_model_operators_ask_for_gpus_from_params():
     assert op.needs_model and op.num_gpus == 2
     assert build_operator({"op": "llm_repetition", "backend": {"num_gpus": 1}}).num_gpus == 1
     assert build_operator({"op": "llm_repetition"}).num_gpus == 0
+    assert build_operator({"op": "llm_quality", "backend": {"kind": "vllm", "device": "cpu"}}).num_gpus == 0
 
 
 # ---- vLLM: requests and outputs, without vLLM ------------------------------------------------

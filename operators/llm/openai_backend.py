@@ -202,7 +202,8 @@ class OpenAIBackend(TokenizedBackend):
     def completion_body(self, ids: list[int], want: list[int]) -> dict:
         body = {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0}
         if self.exact:
-            body.update(logprob_token_ids=want, return_tokens_as_token_ids=True, add_special_tokens=False)
+            # vLLM requires `logprobs` set alongside the ids (and then returns exactly the ids)
+            body.update(logprob_token_ids=want, logprobs=1, return_tokens_as_token_ids=True, add_special_tokens=False)
         else:
             body["logprobs"] = self.k
         return body
