@@ -11,7 +11,10 @@ prints prompt tokens/s and the fraction of bf16 peak (2 x params x tokens / time
 
 Baseline, same process: the obvious way to read a score, one sample at a time through
 `generate(max_new_tokens=2, output_scores=True)` (full-sequence logits, no batching). Printed as a
-ratio of samples/s.
+ratio of samples/s. `--arrival` adds the second baseline of issue 14: the same prefill-only batches
+cut in arrival order (padding to each batch's longest prompt). `--vllm` also scores the same
+prompts through vLLM (`logprob_token_ids`, prompt and prompt+"1" per row) when vLLM is installed.
+`--dry`: a two-layer Qwen2 on CPU, a few dozen prompts, every path once (bench/gpu_llm.sh --dry).
 """
 
 from __future__ import annotations
@@ -164,8 +167,14 @@ def gpu_main(args) -> None:
     assert args.model_config == "qwen2.5-0.5b", "only qwen2.5-0.5b's shape is built in"
     device = args.device
     torch.manual_seed(0)
-    # the `1b` preset's LLM is Qwen2.5-0.5B's shape; _text_config handles transformers 4.5x and 5.x rope args
-    config = _text_config(151936, PRESETS["1b"].text, tie=True)
+    if args.dry:  # the same code on a two-layer model, so CI runs every line of the GPU check
+        from transformers import Qwen2Config
+
+        config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                             tie_word_embeddings=True)
+    else:  # the `1b` preset's LLM is Qwen2.5-0.5B's shape; _text_config handles transformers 4.5x and 5.x
+        config = _text_config(151936, PRESETS["1b"].text, tie=True)
     config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -181,10 +190,12 @@ def gpu_main(args) -> None:
     rng = np.random.default_rng(0)
     # prompt = ~190 tokens of rating instructions + a sample: log-normal, median ~260, long tail
     lengths = np.clip(190 + rng.lognormal(mean=math.log(260), sigma=0.9, size=args.n).astype(int), 200, 4096)
+    if args.dry:
+        lengths = np.minimum(lengths // 8, 512)
     rows = [rng.integers(100, config.vocab_size, size=int(n)).tolist() for n in lengths]
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu (code check only)"
     print(
-        f"device: {name}; model: random Qwen2 (Qwen2.5-0.5B shape) bf16, "
+        f"device: {name}; model: random Qwen2 ({'two layers, dry run' if args.dry else 'Qwen2.5-0.5B shape'}) bf16, "
         f"{n_params / 1e6:.0f}M params ({(n_params - n_embed) / 1e6:.0f}M without the embedding)"
     )
     print(
@@ -193,14 +204,66 @@ def gpu_main(args) -> None:
     )
     res = run(backend, rows, tokens, args.baseline, device)
     peak = args.peak_tflops * 1e12
+    flops_per_token = 2 * (n_params - n_embed)  # non-embedding: the embedding is a lookup
+
+    def pct(seconds: float) -> str:
+        return f"{flops_per_token * res['tokens'] / seconds / peak:.1%} of bf16 peak"
+
     res["mfu_all_params"] = 2 * n_params * res["tokens"] / res["seconds"] / peak
-    res["mfu_non_embedding"] = 2 * (n_params - n_embed) * res["tokens"] / res["seconds"] / peak
+    res["mfu_non_embedding"] = flops_per_token * res["tokens"] / res["seconds"] / peak
     report(res)
     print(
         f"fraction of bf16 peak ({args.peak_tflops:.0f} TFLOP/s): {res['mfu_all_params']:.1%} "
         f"(2 x all params x tokens); {res['mfu_non_embedding']:.1%} counting matmul params only "
         f"(the embedding is a lookup and the LM head runs on 2 positions per prompt)"
     )
+    print(f"transformers, length-sorted batches: {res['seconds']:.2f} s, {pct(res['seconds'])}")
+    if args.arrival:
+        arr = arrival_order(backend, rows, tokens, device)
+        print(f"transformers, arrival-order batches: {arr:.2f} s, {pct(arr)}; "
+              f"length-sorted / arrival-order speed ratio {arr / res['seconds']:.2f}x")
+    if args.vllm:
+        vs = vllm_seconds(model, rows, tokens, int(lengths.max()) + 8)
+        if vs is not None:
+            print(f"vLLM: {vs:.2f} s, {pct(vs)}; vLLM / transformers-sorted speed ratio {res['seconds'] / vs:.2f}x")
+
+
+def arrival_order(backend: HFBackend, rows: list[list[int]], tokens: ScoreTokens, device: str) -> float:
+    """Seconds to score `rows` in batches of `batch_size` taken in arrival order (no length sort)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), backend.cfg.batch_size):
+        backend._score_rows(rows[i : i + backend.cfg.batch_size], tokens)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def vllm_seconds(model, rows: list[list[int]], tokens: ScoreTokens, max_len: int) -> float | None:
+    """Seconds for vLLM to score `rows` (engine start excluded), or None without vLLM."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        print("vLLM: not installed, skipped")
+        return None
+    import vllm
+
+    from operators.llm.vllm_backend import VLLMBackend, supports_token_ids
+
+    folder = tempfile.mkdtemp(prefix="ivl-bench-vllm-")
+    model.save_pretrained(folder, safe_serialization=True)
+    t0 = time.perf_counter()
+    llm = vllm.LLM(model=folder, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_len,
+                   enable_prefix_caching=True, gpu_memory_utilization=0.6, seed=0)
+    print(f"vLLM {vllm.__version__}: engine started in {time.perf_counter() - t0:.1f} s")
+    backend = VLLMBackend.__new__(VLLMBackend)  # the ivl scoring path on this engine, no tokenizer needed
+    backend.llm, backend._vllm, backend.exact_ids = llm, vllm, supports_token_ids(vllm.SamplingParams)
+    backend.score_ids(rows[:8], tokens)  # warm-up
+    t0 = time.perf_counter()
+    results = backend.score_ids(rows, tokens)
+    dt = time.perf_counter() - t0
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    return dt
 
 
 def report(res: dict) -> None:
@@ -226,8 +289,15 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--max-batch-tokens", type=int, default=None)
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    ap.add_argument("--arrival", action="store_true", help="also time arrival-order batches (GPU mode)")
+    ap.add_argument("--vllm", action="store_true", help="also time vLLM when installed (GPU mode)")
+    ap.add_argument("--dry", action="store_true", help="GPU mode's code on a two-layer model on CPU")
     args = ap.parse_args()
+    if args.dry:
+        args.model_config, args.device = "qwen2.5-0.5b", "cpu"
+        args.n, args.baseline = args.n or 24, 2 if args.baseline is None else args.baseline
+        args.batch_size, args.max_batch_tokens = args.batch_size or 8, args.max_batch_tokens or 2048
     gpu = args.device.startswith("cuda") or args.model_config is not None
     args.n = args.n or (2000 if gpu else 32)
     args.baseline = args.baseline if args.baseline is not None else (100 if gpu else 8)
