@@ -167,9 +167,10 @@ def cmd_review(a) -> None:
 
 def cmd_report(a) -> None:
     from pipeline.html_report import write_chain_report, write_job_report
+    from pipeline.io import isdir
 
     for d in a.inp:
-        if not os.path.isdir(d):
+        if not isdir(d):  # a job's OUT on any storage
             raise UsageError(f"{d} is not a job's OUT folder")
     if len(a.inp) == 1 and not a.out:
         print(f"page: {write_job_report(a.inp[0])}")

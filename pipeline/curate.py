@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -38,9 +37,13 @@ from pipeline.dedup_stage import StoreBytes
 from pipeline.distill_stage import DistillConfig, distilled_stages, llm_stage_index
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
+    exists,
     list_input_shards,
     read_canonical,
     read_marker,
+    relpath,
+    remove_tree,
+    size_and_mtime,
     write_marker,
     write_parquet_atomic,
     write_shards,
@@ -422,7 +425,7 @@ def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shar
         marker.add_rows(split, srcs, why)
         part = part.drop_columns([c for c in drop + extra_drop if c in part.column_names])
         files = write_shards(part, os.path.join(out_dir, split), key, fmt, rows_per_shard)
-        marker.files += [os.path.relpath(f, out_dir) for f in files]
+        marker.files += [relpath(f, out_dir) for f in files]
     commit(out_dir, marker)
     return marker.to_json()
 
@@ -475,7 +478,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             store.add(ds)
         phase_bytes["route"] = store.total - phase_bytes["operators"] - phase_bytes["dedup"]
         for sub in (VERDICT_DIR, DECISION_DIR):  # every unit is routed now
-            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+            remove_tree(os.path.join(out_dir, sub))
     markers = read_markers(out_dir, units)
     summary = merge(markers)
     check_accounting(summary, markers)
@@ -485,7 +488,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
             operators.setdefault(reason.split(":")[0], Counter())[split] += n
     summary.update(operators={k: dict(v) for k, v in operators.items()}, shards=len(files),
                    resumed_shards=len(files) - len(todo), seconds=round(time.time() - t0, 2),
-                   input_bytes=sum(os.path.getsize(f) for f in files), object_store_bytes=store.total,
+                   input_bytes=sum(size_and_mtime(f)[0] for f in files), object_store_bytes=store.total,
                    object_store_bytes_by_phase=phase_bytes)
     if dedup_stats:
         summary["dedup"] = dedup_stats
@@ -530,7 +533,7 @@ def _route_unit(u: dict, job: dict) -> dict:
         table = pa.Table.from_arrays([table.column(c) for c in CANONICAL.names] + state.columns,
                                      names=list(CANONICAL.names) + state.column_names)
     dpath = os.path.join(out_dir, DECISION_DIR, f"{u['key']}.parquet")
-    dedup = pq.read_table(dpath) if os.path.exists(dpath) else _NO_DECISIONS  # no duplicates in this unit
+    dedup = pq.read_table(dpath) if exists(dpath) else _NO_DECISIONS  # no duplicates in this unit
     route_table(table, out_dir, u["key"], job["fmt"], job["rows_per_shard"], dedup=dedup, input_rows=u["rows"])
     return {"key": u["key"]}
 

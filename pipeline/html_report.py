@@ -17,6 +17,8 @@ import os
 
 import pyarrow.parquet as pq
 
+from pipeline.io import list_files, read_bytes
+
 EXAMPLES_PER_REASON = 3
 MAX_FILES = 20
 THUMB = 160
@@ -55,8 +57,7 @@ def _table(d: dict, title: str = "") -> str:
 
 
 def _png(path: str) -> str:
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode()
+    data = base64.b64encode(read_bytes(path)).decode()  # a report folder on any storage
     name = os.path.basename(path)
     return f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{data}"><figcaption>{_e(name)}</figcaption></figure>'
 
@@ -77,11 +78,8 @@ def _thumb(data: bytes) -> str:
 def examples(folder: str, reason_col: str, per_reason: int = EXAMPLES_PER_REASON) -> dict[str, list[dict]]:
     """A few rows per reason from the first MAX_FILES shards of `folder` (only the columns shown)."""
     out: dict[str, list[dict]] = {}
-    if not os.path.isdir(folder):
-        return out
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet") and not f.startswith((".", "_")))
-    for name in files[:MAX_FILES]:
-        pf = pq.ParquetFile(os.path.join(folder, name))
+    for path in list_files(folder, ".parquet", recursive=False)[:MAX_FILES]:
+        pf = pq.ParquetFile(path)
         cols = [c for c in ("id", reason_col, "conversations", "images", "review_note") if c in pf.schema_arrow.names]
         if reason_col not in cols:
             continue
@@ -105,15 +103,13 @@ def job_body(out_dir: str) -> tuple[str, dict]:
     """The HTML of one job's report (summary tables, plots, examples) and its summary."""
     rdir = os.path.join(out_dir, "report")
     try:
-        with open(os.path.join(rdir, "summary.json")) as f:
-            summary = json.load(f)
+        summary = json.loads(read_bytes(os.path.join(rdir, "summary.json")))
     except (OSError, json.JSONDecodeError):
         summary = {}
     scalars = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     parts = [_table(scalars, "summary")]
     parts += [_table(v, k) for k, v in summary.items() if isinstance(v, dict) and v]
-    pngs = sorted({os.path.join(d, f) for d in (rdir, out_dir) if os.path.isdir(d)
-                   for f in os.listdir(d) if f.endswith(".png")})
+    pngs = sorted({f for d in (rdir, out_dir) for f in list_files(d, ".png", recursive=False, hidden=True)})
     if pngs:
         parts.append("<h2>plots</h2>" + "".join(_png(p) for p in pngs))
     for folder, col, title in (("rejected", "reject_reason", "rejected"), ("review", "review_reason", "sent to review")):

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipeline.io import read_marker, shard_key, write_marker
+from pipeline.io import open_input, read_marker, shard_key, write_marker
 
 SPLITS = ("kept", "rejected", "review")
 
@@ -69,7 +69,7 @@ def count_rows(path: str) -> int | None:
         if path.endswith(".parquet"):
             return pq.ParquetFile(path).metadata.num_rows
         n, current = 0, None
-        with tarfile.open(path, mode="r|*") as tar:
+        with open_input(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for m in tar:
                 if m.isdir():
                     continue

@@ -52,6 +52,17 @@ def write_summary(out_dir: str, summary: dict) -> str:
     return path
 
 
+def _save_png(fig, path: str) -> None:
+    """Render into memory and commit through pipeline.io, so a report folder may be any storage URI."""
+    import io
+
+    from pipeline.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "rows") -> str | None:
     """A horizontal bar chart (largest first); nothing is drawn for an empty dict."""
     if not counts:
@@ -64,8 +75,7 @@ def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "ro
     for i, (_, v) in enumerate(items):
         ax.text(v, i, f" {v:g}", va="center", fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -84,8 +94,7 @@ def histogram(values, path: str, title: str, thresholds: list[float] | None = No
     ax.set_title(title)
     ax.set_ylabel("rows")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -104,7 +113,6 @@ def binned_histogram(values: list[float], counts: list[int], path: str, title: s
     ax.set_title(title)
     ax.set_ylabel("rows")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return path

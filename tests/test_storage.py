@@ -188,4 +188,8 @@ def test_chain_on_s3_equals_local(ray_local, s3_bucket, sample_meta, gguf, tmp_p
     counts = shard_row_counts(remote)
     assert counts == shard_row_counts(local) and data_fingerprint(remote, counts) == data_fingerprint(local, counts)
     assert read_row(remote[-1], counts[-1] - 1) == read_row(local[-1], counts[-1] - 1)
+    from pipeline.html_report import write_job_report  # what the CLI writes after each job
+
+    page = sio.read_text(write_job_report(sio.join(runs["s3"], "curate")))
+    assert page.startswith("<!doctype html>") and "data:image/png" in page and "examples rejected" in page
     assert not os.path.exists("s3:")  # nothing went to a local folder named after the URI

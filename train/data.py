@@ -19,7 +19,6 @@ shards holding the same rows, and the old whole-file read side by side.
 from __future__ import annotations
 
 import io
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 
 from model.tiling import IMAGE_SIZE, dynamic_preprocess
+from pipeline.io import basename, isdir, join, list_files, size_and_mtime
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # InternVL build_transform normalisation
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -135,13 +135,13 @@ def _column(values: list) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- shards and the data plan
-def list_shards(data_dir: str | Path) -> list[Path]:
+def list_shards(data_dir: str | Path) -> list[str]:
     """Packed Parquet files of `ivl pack --out DIR` (DIR/kept/) or of a plain folder of shards."""
-    root = Path(data_dir)
-    kept = root / "kept"
-    files = sorted((kept if kept.is_dir() else root).glob("*.parquet"))
+    kept = join(data_dir, "kept")
+    folder = kept if isdir(kept) else str(data_dir)
+    files = list_files(folder, ".parquet", recursive=False)
     if not files:
-        raise FileNotFoundError(f"no packed shards (*.parquet) in {kept if kept.is_dir() else root}")
+        raise FileNotFoundError(f"no packed shards (*.parquet) in {folder}")
     return files
 
 
@@ -151,7 +151,7 @@ def shard_row_counts(files: list[Path]) -> list[int]:
 
 def data_fingerprint(files: list[Path], counts: list[int]) -> list[list]:
     """[file name, bytes, rows] per shard in plan order: what a data position (a plan row id) depends on."""
-    return [[Path(f).name, Path(f).stat().st_size, int(n)] for f, n in zip(files, counts)]
+    return [[basename(f), size_and_mtime(f)[0], int(n)] for f, n in zip(files, counts)]
 
 
 def fingerprint_change(old: list | None, new: list[list]) -> str:
@@ -200,8 +200,8 @@ def _read_row_group(path: str, version: tuple[int, int], group: int) -> pa.Table
 
 def read_row(path: str, index: int) -> dict:
     """Row `index` of one shard, reading only the row group that holds it."""
-    st = os.stat(path)
-    version = (st.st_mtime_ns, st.st_size)
+    size, mtime_ns = size_and_mtime(path)  # local or any pyarrow.fs URI
+    version = (mtime_ns, size)
     _, starts = _shard_footer(path, *version)
     g = int(np.searchsorted(starts, index, side="right")) - 1
     return _read_row_group(path, version, g).slice(int(index - starts[g]), 1).to_pylist()[0]
