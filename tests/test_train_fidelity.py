@@ -103,11 +103,13 @@ def test_run_counts_skipped_steps(train_tok, samples, tmp_path):
     empty = [dict(s, labels=[IGNORE] * len(s["labels"])) for s in samples[2:3]]  # a piece with no answer
     data = write_packed_dataset(tmp_path / "packed", train_tok, [samples[:2], empty])
     out = tmp_path / "out"
-    summary = run_train("2", data, "tiny", out, config={"warmup_steps": 0, "save_dtype": "float32"},
-                        max_steps=2, use_ray=False)
+    cfg = {"warmup_steps": 0, "save_dtype": "float32", "save_every": 1}
+    run_train("2", data, "tiny", out, config=cfg, max_steps=4, use_ray=False, stop_at_step=2)
+    summary = run_train("2", data, "tiny", out, config=cfg, max_steps=4, use_ray=False, resume=True)
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["skipped"] for r in recs) == ["", "no supervised tokens"]
-    assert summary["skipped_steps"] == 1 and np.isfinite(summary["final_loss"])
+    # each epoch (2 rows) holds the empty row once; the count survives the resume
+    assert sorted(r["skipped"] for r in recs) == ["", "", "no supervised tokens", "no supervised tokens"]
+    assert summary["skipped_steps"] == 2 and np.isfinite(summary["final_loss"])
 
 
 @pytest.mark.parametrize("total, warmup", [(10, 0), (10, 3), (250, 100), (5, 100), (1, 1)])

@@ -302,12 +302,13 @@ def train(
     model, step_module, tok = setup_training(job, cfg, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, job.total_steps)
-    start = 0
+    start, skipped_steps = 0, 0
     if job.resume_from:
         state = load_trainer_state(Path(job.resume_from))
         load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
+        skipped_steps = int(state.get("extra", {}).get("skipped_steps", 0))  # the count is for the whole run
     out = Path(job.out)
     log = MetricsLog(out, start, rank == 0)
     peak = peak_flops(device)
@@ -318,7 +319,7 @@ def train(
     )
     params = [p for p in model.parameters() if p.requires_grad]
     it = batches(start * cfg.grad_accum)
-    last_ckpt, rec, skipped_steps = None, {}, 0
+    last_ckpt, rec = None, {}
     end = job.total_steps if job.stop_at_step is None else min(job.total_steps, job.stop_at_step)
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -379,6 +380,7 @@ def train(
                         "world_size": world,
                         "fingerprint": job.fingerprint,
                     },
+                    extra={"skipped_steps": skipped_steps},
                     state_dict=sd,
                     dtype=cfg.save_dtype,
                 )
