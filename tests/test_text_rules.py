@@ -316,3 +316,19 @@ def test_default_config_identifies_the_language_before_the_text_rules():
 
     stages = [s["op"] for s in yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/curate.yaml").read_text())["stages"]]
     assert stages.index("language_id") < stages.index("text_rules")
+
+
+def _default_text_rule_params() -> dict:
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/curate.yaml").read_text())["stages"]
+    spec = dict(next(s for s in stages if s["op"] == "text_rules"))
+    spec.pop("op")
+    return spec
+
+
+@pytest.mark.parametrize("kind", ["fortunes", "tang", "man"])
+def test_real_text_passes_the_default_config_document_rules_too(kind):
+    """Issue 15: with the Gopher rules by the paper's definitions, real prose and man pages pass."""
+    v = run_rules(real_texts()[kind], **_default_text_rule_params())
+    assert (v.decision == KEEP).mean() >= 0.95, Counter(v.rule)
