@@ -248,7 +248,8 @@ def end_to_end(n: int, max_tokens: int = MAX_TOKENS, max_tiles: int = MAX_TILES,
     jobs = {"ivl pack": run_pack}
     if baseline:
         jobs["bbfa868"] = baseline_pack_job().run_pack
-    keys = ("input", "kept", "rejected", "packs", "lower_bound_packs", "packs_over_lower_bound", "token_fill",
+    keys = ("input", "kept", "rejected", "packs", "lower_bound_packs", "packs_over_lower_bound",
+            "lower_bound_packs_exclusive", "packs_over_exclusive_bound", "token_fill",
             "tile_fill", "seconds", "samples_per_s")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,8 +9,9 @@ layout is a pure function of the inputs, never of the cluster). Then:
    the marker pack-tokens-<i>); rows that cannot be packed -> OUT/rejected/rejected-<p>-<k>.parquet
    with `reject_reason` (`pack:<rule>`); the rest -> Select -> Search -> Pack -> Maintain with the
    partition's own bounded buffers -> OUT/kept/pack-<p>-<k>.parquet. At the end the open buffers and
-   the reserve are repacked first-fit decreasing (operators/packing/repack.py); the packs that reach
-   99% of a budget are written, the rest (a few per partition) go, as pieces, to OUT/_tail/<p>.parquet.
+   the reserve are repacked first-fit decreasing (operators/packing/repack.py; a partition of at most
+   128 packs' worth is packed whole, `Packer`); the packs that reach 99% of a budget are written, the
+   rest (a few per partition) go, as pieces, to OUT/_tail/<p>.parquet.
    Its marker pack-part-<p> (counts, fill histogram, the files it wrote) is written last.
 2. `ivl-pack:tail`, one task: every partition's tail pieces, in partition order, repacked first-fit
    decreasing -> OUT/kept/pack-tail-<k>.parquet, marker pack-tail. So a small dataset ends as close
@@ -42,7 +43,8 @@ depend on the packing arguments (mode, seed, buffer size, rows per shard, partit
 every pack is made again from the cached tokens, exactly as a clean run makes them.
 
 Memory per partition task: its packer (buffer_size open packs + a reserve of small text-only
-samples), one input shard and at most 32 packed rows waiting to be written.
+samples, or up to 128 packs' worth held while the partition may still be packed whole), one input
+shard and at most 32 packed rows waiting to be written.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
 import time
 from collections import Counter
@@ -80,11 +81,20 @@ from operators.packing import (
 )
 from operators.packing.format import packs_to_table
 from pipeline.io import (
+    abspath,
     atomic_write_bytes,
+    basename,
+    exists,
+    list_files,
     list_input_shards,
+    local_dir,
     marker_path,
     read_canonical,
     read_marker,
+    remove,
+    remove_tree,
+    size_and_mtime,
+    staged_dir,
     write_marker,
     write_parquet_atomic,
 )
@@ -308,8 +318,8 @@ class _ShardWriter:
 class _PackStats:
     """What a partition or the tail reports about the packs it wrote."""
 
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
+    def __init__(self, max_tokens: int, max_tiles: int):
+        self.max_tokens, self.max_tiles = max_tokens, max_tiles
         self.c: Counter = Counter()
         self.fill = np.zeros(FILL_BINS, np.int64)
 
@@ -320,10 +330,14 @@ class _PackStats:
         c["tiles"] += pack.tiles
         c["pieces"] += len(pack.records)
         c["samples"] += sum(rec.payload.last for rec in pack.records)  # a split sample counts once, at its last piece
+        # no two pieces over half a budget share a pack: their count bounds the packs from below too
+        c["over_half_tiles"] += sum(2 * rec.tiles > self.max_tiles for rec in pack.records)
+        c["over_half_tokens"] += sum(2 * rec.tokens > self.max_tokens for rec in pack.records)
         self.fill[min(FILL_BINS - 1, pack.tokens * FILL_BINS // self.max_tokens)] += 1
 
     def marker(self) -> dict:
-        return {**{k: int(self.c[k]) for k in ("packs", "tokens", "tiles", "pieces", "samples")},
+        return {**{k: int(self.c[k]) for k in ("packs", "tokens", "tiles", "pieces", "samples", "over_half_tiles",
+                                                "over_half_tokens")},
                 "fill_hist": self.fill.tolist()}
 
 
@@ -338,7 +352,7 @@ def _worker_tokenizer(tok_dir: str, digest: str):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task = one core
         from transformers import AutoTokenizer
 
-        tok = _TOKENIZERS[digest] = AutoTokenizer.from_pretrained(tok_dir)
+        tok = _TOKENIZERS[digest] = AutoTokenizer.from_pretrained(local_dir(tok_dir))
     return tok
 
 
@@ -359,7 +373,7 @@ def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter) -> pa.T
     with _cpu(counts, "read"):
         table = read_canonical(path)
         m = read_marker(out, tokens_key(index))
-        if m is not None and m.get("fingerprint") == fp and os.path.exists(tokens_path(out, index)):
+        if m is not None and m.get("fingerprint") == fp and exists(tokens_path(out, index)):
             tokens = pq.read_table(tokens_path(out, index))
             if not tokens.column("id").equals(table.column("id")):
                 raise RuntimeError(f"{path} no longer matches its tokens in {tokens_path(out, index)}; "
@@ -488,7 +502,7 @@ def pack_partition(spec: dict) -> dict:
     stream = select_samples([_pieces(tables, rejected, counts)], seed=spec["seed"], max_tokens=max_tokens,
                             max_tiles=max_tiles, on_drop=dropped)
     packer = Packer(max_tokens, max_tiles, buffer_size=spec["buffer_size"], mode=spec["mode"])
-    stats = _PackStats(max_tokens)
+    stats = _PackStats(max_tokens, max_tiles)
     _write_packs(pack_stream(_count_splits(stream, counts), packer, finish=False), kept, stats)
     last, tail = packer.finish(), []
     if spec["mode"] == "ivl":  # the public policy's mode has no repack: its flushed buffers go as they are
@@ -519,7 +533,7 @@ def pack_tail(spec: dict, partitions: int, packs_before: int) -> dict:
     pieces = [q for p in range(partitions) for q in _table_to_pieces(pq.read_table(tail_path(out, p)))]
     packs = first_fit_decreasing((q.record() for q in pieces), spec["max_tokens"], spec["max_tiles"])
     kept = _ShardWriter(os.path.join(out, "kept"), "pack-tail", spec["rows_per_shard"], write_packed)
-    stats = _PackStats(spec["max_tokens"])
+    stats = _PackStats(spec["max_tokens"], spec["max_tiles"])
     _write_packs(iter(packs), kept, stats)
     if not kept.count and not kept.names and not packs_before:
         kept.add(packs_to_table([]))
@@ -544,24 +558,23 @@ def resume_state(out_dir: str, args: dict, n_files: int) -> tuple[str, list[int]
         changed = sorted(k for k in {*args, *before} if args.get(k) != before.get(k))
         log.warning("ivl pack: %s changed since the last run in %s; tokenizing every shard again",
                     ", ".join(changed), out_dir)
-        shutil.rmtree(os.path.join(out_dir, "_tokens"), ignore_errors=True)
+        remove_tree(os.path.join(out_dir, "_tokens"))
         _remove_markers(out_dir, "pack-tokens-")
     if old is None or old.get("fingerprint") != fingerprint:
         write_marker(out_dir, "pack-args", {"fingerprint": fingerprint, "args": args})
     done = [
         i for i in range(n_files)
         if (m := read_marker(out_dir, tokens_key(i))) and m.get("fingerprint") == fingerprint
-        and os.path.exists(tokens_path(out_dir, i))
+        and exists(tokens_path(out_dir, i))
     ]
     return fingerprint, done
 
 
 def _remove_markers(out_dir: str, prefix: str) -> None:
     done_dir = os.path.dirname(marker_path(out_dir, "x"))
-    if os.path.isdir(done_dir):
-        for name in os.listdir(done_dir):
-            if name.startswith(prefix):
-                os.remove(os.path.join(done_dir, name))
+    for f in list_files(done_dir, ".json", recursive=False):
+        if basename(f).startswith(prefix):
+            remove(f)
 
 
 def _pack_plan(out_dir: str, plan: dict) -> str:
@@ -573,26 +586,26 @@ def _pack_plan(out_dir: str, plan: dict) -> str:
         for prefix in ("pack-part-", TAIL_KEY):
             _remove_markers(out_dir, prefix)
         for sub in ("kept", "rejected", "_tail"):
-            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+            remove_tree(os.path.join(out_dir, sub))
         write_marker(out_dir, PLAN_KEY, {"fingerprint": fingerprint})
     return fingerprint
 
 
 def _remove_unnamed(folder: str, names: set[str]) -> None:
     """Delete every file in `folder` that no marker names (cut-short writes, an older, longer run)."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name not in names:
-                os.remove(os.path.join(folder, name))
+    for f in list_files(folder, "", recursive=False, hidden=True):
+        if basename(f) not in names:
+            remove(f)
 
 
 def _cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_tiles, verify_images) -> dict:
     """Everything the token cache depends on (see the module docstring)."""
     digest = hashlib.sha256()
+    tok_dir = local_dir(tok_dir)  # a saved tokenizer on any storage, read as local files
     for name in sorted(os.listdir(tok_dir)):
         with open(os.path.join(tok_dir, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read())
-    inputs = [[os.path.abspath(f), (st := os.stat(f)).st_size, st.st_mtime_ns] for f in files]
+    inputs = [[abspath(f), *size_and_mtime(f)] for f in files]
     return {"version": CACHE_VERSION, "tokenizer": digest.hexdigest()[:16], "system_prompt": system_prompt,
             "max_tokens": max_tokens, "max_tiles": max_tiles, "verify_images": verify_images, "inputs": inputs}
 
@@ -640,7 +653,8 @@ def run_pack(
         raise ValueError("rows_per_shard and partition_bytes must be >= 1")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     tok_dir = os.path.join(out_dir, "tokenizer")
-    tok.save_pretrained(tok_dir)
+    with staged_dir(tok_dir) as d:  # HF writes local files; they are committed to OUT/tokenizer
+        tok.save_pretrained(d)
 
     args = _cache_args(files, tok_dir, system_prompt, max_tokens, max_tiles, verify_images)
     token_fp, done = resume_state(out_dir, args, len(files))
@@ -714,6 +728,9 @@ def _summarise(out_dir: str, parts: list[dict], tail: dict, t0: float, **run) ->
         "total_tiles": tiles,
         "lower_bound_packs": lower,
         "packs_over_lower_bound": packs / lower if lower else None,
+        # max(lower bound, pieces over half the tiles, pieces over half the tokens): still a bound
+        "lower_bound_packs_exclusive": (strict := max(lower, total("over_half_tiles"), total("over_half_tokens"))),
+        "packs_over_exclusive_bound": packs / strict if strict else None,
         "token_fill": tokens / (packs * max_tokens) if packs else 0.0,
         "tile_fill": tiles / (packs * max_tiles) if packs else 0.0,
         "samples_per_pack": total("pieces") / packs if packs else 0.0,

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain
 
 from operators.packing.buffers import BufferList
-from operators.packing.repack import first_fit_decreasing
+from operators.packing.repack import first_fit_decreasing, is_nearly_full
 from operators.packing.sample import Pack, Piece, Record
 
 MODES = ("ivl", "internvl")
@@ -309,6 +309,10 @@ class Packer:
         self._start_holding()
         return out
 
+    def _cost(self, packs: list[Pack]) -> tuple[int, int]:
+        """Fewer packs first, then fewer short of 99% of both budgets (those go on to a tail repack)."""
+        return len(packs), sum(not is_nearly_full(p, self.max_tokens, self.max_tiles) for p in packs)
+
     def finish(self) -> list[Pack]:
         """The end of a stream: mode "ivl" packs a held stream whole (see the class docstring) or
         repacks what the streaming packer left first-fit decreasing; "internvl" flushes."""
@@ -318,7 +322,7 @@ class Packer:
             held = self.held
             whole = first_fit_decreasing(held, self.max_tokens, self.max_tiles)
             streamed = self._stop_holding() + self.impl.finish()
-            out = whole if len(whole) <= len(streamed) else streamed
+            out = min(streamed, whole, key=self._cost)  # the stream on a tie
         self._start_holding()
         return out
 
