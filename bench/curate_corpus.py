@@ -60,6 +60,9 @@ def baseline_module():
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # pydantic resolves the config's annotations through sys.modules
     spec.loader.exec_module(mod)
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(mod)  # Ray's workers cannot import the temp module
     return mod
 
 
@@ -91,6 +94,7 @@ def main():
     ap.add_argument("--limit", type=int, default=20000)
     ap.add_argument("--no-baseline", action="store_true", help=f"skip commit {BASELINE}'s runner")
     ap.add_argument("--no-one-core", action="store_true", help="skip the run on one core")
+    ap.add_argument("--baseline-first", action="store_true", help="run the baseline before this runner (load drifts)")
     ap.add_argument("--cpu-models", default=None, choices=["tasks", "actors"], help="override the config's cpu_models")
     a = ap.parse_args()
     os.environ["IVL_PROGRESS"] = "0"
@@ -108,8 +112,13 @@ def main():
         cfg = cfg.model_copy(update={"cpu_models": a.cpu_models})
     print(f"docs: {n} in {len(files)} shards ({arrow_bytes / 1e6:.1f} MB as Arrow, {file_bytes / 1e6:.1f} MB "
           f"of Parquet), cores: {cores}, load average: {os.getloadavg()[0]:.1f}, cpu_models: {cfg.cpu_models}")
+    old = None if a.no_baseline else baseline_module()
+    if old is not None and a.baseline_first:
+        wallb, _ = timed(old.run_curate, old.load_curate_config(None), f"{tmp}/in", f"{tmp}/outb", cores)
+        print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s "
+              f"(load average {os.getloadavg()[0]:.1f})")
     wall, s = timed(run_curate, cfg, f"{tmp}/in", f"{tmp}/out", cores)
-    print(f"this runner, {cores} cores: {wall:.1f} s, {n / wall:.0f} docs/s; kept {s['kept']}, review {s['review']}, "
+    print(f"this runner, {cores} cores (load average {os.getloadavg()[0]:.1f}): {wall:.1f} s, {n / wall:.0f} docs/s; kept {s['kept']}, review {s['review']}, "
           f"rejected {s['rejected']} (dedup: {s.get('dedup', {}).get('by_rule')})")
     print("  CPU seconds per stage (summed over workers):",
           ", ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()))
@@ -122,9 +131,9 @@ def main():
         same = kept_ids(f"{tmp}/out1") == ids
         print(f"this runner, 1 core: {wall1:.1f} s, {n / wall1:.0f} docs/s -> {cores} cores are {wall1 / wall:.2f}x "
               f"faster than 1; same kept ids: {same}")
-    if not a.no_baseline:
-        old = baseline_module()
-        wallb, sb = timed(old.run_curate, old.load_curate_config(None), f"{tmp}/in", f"{tmp}/outb", cores)
+    if old is not None:
+        if not a.baseline_first:
+            wallb, _ = timed(old.run_curate, old.load_curate_config(None), f"{tmp}/in", f"{tmp}/outb", cores)
         same = kept_ids(f"{tmp}/outb") == ids
         print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s -> this runner is "
               f"{wallb / wall:.2f}x faster; same kept ids: {same}")
