@@ -121,6 +121,7 @@ class HTTPClient:
         self.local = threading.local()
         self.rng = random.Random(0)
         self.connections_opened = 0  # how many TCP connections this client made (reuse check)
+        self.requests_sent = 0
 
     def _conn(self, fresh: bool = False) -> http.client.HTTPConnection:
         conn = getattr(self.local, "conn", None)
@@ -132,15 +133,28 @@ class HTTPClient:
             self.connections_opened += 1
         return conn
 
+    def _send(self, method: str, path: str, data: bytes | None, fresh: bool) -> http.client.HTTPResponse:
+        reused = not fresh and getattr(self.local, "conn", None) is not None
+        conn = self._conn(fresh=fresh)
+        self.requests_sent += 1
+        try:
+            conn.request(method, f"{self.base}/{path}", body=data, headers=self.headers)
+            return conn.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if not reused:
+                raise
+            # the server closed an idle kept-alive connection (uvicorn: after 5 s): reconnect once
+            conn = self._conn(fresh=True)
+            conn.request(method, f"{self.base}/{path}", body=data, headers=self.headers)
+            return conn.getresponse()
+
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
         last = ""
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
-                conn = self._conn(fresh=attempt > 0)
-                conn.request(method, f"{self.base}/{path}", body=data, headers=self.headers)
-                resp = conn.getresponse()
+                resp = self._send(method, path, data, fresh=attempt > 0)
                 payload = resp.read()
                 if resp.status == 200:
                     return json.loads(payload)
