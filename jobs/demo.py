@@ -8,24 +8,12 @@ report/index.html, and OUT/report/index.html covers the chain."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "meta.json"
 STAGES = ("ingest", "curate", "pack", "train")
-
-
-def json_safe(x):
-    """Nested data as strict JSON values: a NaN or infinite figure becomes null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [json_safe(v) for v in x]
-    return x if isinstance(x, str | int | float | bool) or x is None else str(x)
 
 
 def _line(i: int, name: str, counts: str, seconds: float, page: str) -> None:
@@ -43,6 +31,7 @@ def run_demo(out: str, address: str | None = None, steps: int = 3) -> dict:
     from pipeline.html_report import write_chain_report, write_job_report
     from pipeline.ingest import run_ingest
     from pipeline.pack_job import run_pack
+    from pipeline.report import json_safe
     from pipeline.session import ray_session
     from train.launcher import run_train
 

@@ -336,6 +336,7 @@ def run_mix(meta_path: str, targets: MixTargets, tokenizer: str, out: str, cache
     """Count (Ray), solve, write the planned meta JSON and a report; returns the report's summary."""
     import time
 
+    from pipeline.html_report import write_job_report
     from pipeline.io import atomic_write_bytes
     from pipeline.report import write_summary
 
@@ -367,6 +368,7 @@ def run_mix(meta_path: str, targets: MixTargets, tokenizer: str, out: str, cache
     os.makedirs(os.path.join(report_dir, "report"), exist_ok=True)
     write_summary(report_dir, summary)
     plot_shares(summary, os.path.join(report_dir, "report", "mix_shares.png"))
+    write_job_report(report_dir, title=f"ivl mix: {os.path.basename(out)}")
     return summary
 
 

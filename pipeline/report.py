@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 
@@ -44,11 +45,22 @@ def check_accounting(summary: dict, splits=SPLITS[:2]) -> None:
             raise AccountingError(f"source {src}: {c}")
 
 
+def json_safe(x):
+    """Nested data as strict JSON values: a NaN or infinite figure becomes null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x if isinstance(x, str | int | float | bool) or x is None else str(x)
+
+
 def write_summary(out_dir: str, summary: dict) -> str:
     from pipeline.io import atomic_write_bytes
 
     path = os.path.join(out_dir, "report", "summary.json")
-    atomic_write_bytes(path, json.dumps(summary, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(path, json.dumps(json_safe(summary), indent=2, sort_keys=True, allow_nan=False).encode())
     return path
 
 

@@ -117,7 +117,7 @@ def test_stage_output_is_hf_checkpoint_and_next_stage_model(train_tok, data, tmp
         == loaded_tok.convert_tokens_to_ids(IMG_CONTEXT)
         == train_tok.convert_tokens_to_ids(IMG_CONTEXT)
     )
-    assert (tmp_path / "s1" / "report" / "summary.json").exists() and (tmp_path / "s1" / "loss.png").exists()
+    assert (tmp_path / "s1" / "report" / "summary.json").exists() and (tmp_path / "s1" / "report" / "loss.png").exists()
     s15 = run_train(
         "1.5", data, tmp_path / "s1", tmp_path / "s15", config={"warmup_steps": 0}, max_steps=1, use_ray=False
     )

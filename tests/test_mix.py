@@ -134,6 +134,7 @@ def test_mix_then_ingest_and_pack_reach_the_shares(tmp_path, gguf, ray_local):
                 str(src / "planned.json"), cache=str(tmp_path / "cache"))
     assert s["datasets_from_cache"] == len(meta) and not s["infeasible"]
     assert os.path.exists(tmp_path / "src" / "planned_report" / "report" / "mix_shares.png")
+    assert "mix_shares.png" in (tmp_path / "src" / "planned_report" / "report" / "index.html").read_text()
     planned = json.loads((src / "planned.json").read_text())
     for spec in planned.values():
         assert spec["repeat_time"] < 1 or isinstance(spec["repeat_time"], int)

@@ -96,7 +96,7 @@ def test_loss_falls_on_repeated_packed_set(train_tok, tmp_path):
     losses = [json.loads(ln)["loss"] for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0  # nats, from ~ln(vocab) at random init
-    assert (tmp_path / "out" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "out" / "report" / "loss.png").stat().st_size > 0
     assert pack_samples(samples[:2])["num_tokens"] > 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.report import json_safe
+
 STATE_FILE = "trainer_state.pt"
 MASTER_FILE = "master_weights.pt"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -167,4 +169,4 @@ def write_final(out: Path, checkpoint_dir: Path, summary: dict) -> None:
         if f.is_file() and f.name not in (STATE_FILE, MASTER_FILE):
             shutil.copy2(f, out / f.name)
     (out / "report").mkdir(exist_ok=True)
-    (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report" / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))

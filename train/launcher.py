@@ -4,7 +4,7 @@ The driver counts the packed rows, fixes the data plan (train.data.make_plan), f
 resume from, and gives each rank a Ray Dataset of its own plan from that point on; Ray Data's
 `map_batches` does the image work on CPU workers and the GPUs only train (DESIGN.md, "Plain PyTorch in the
 worker loop"). Outputs: OUT/checkpoints/step_N/, OUT/ (final HF model = next stage's --model),
-OUT/metrics.jsonl, OUT/loss.png, OUT/report/summary.json.
+OUT/metrics.jsonl, OUT/report/{summary.json,loss.png,throughput.png}.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def _run_ray(
     init_ray(address, num_cpus=cpus, job_name=f"ivl-train-stage{job.stage['stage']}")
     seed = job.stage["seed"]
     start_micro = job.start_step * job.stage["grad_accum"]
+    # Ray Data's bars would print a line per prepared row from every rank: the loop logs progress instead
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {}
     for r in range(workers):
         items = plan_items(job.plan[r], start_micro, rank=r, world_size=workers)

@@ -213,21 +213,29 @@ class MetricsLog:
                 f.write(json.dumps(rec) + "\n")
 
 
-def plot_loss(metrics_path: Path, png: Path) -> None:
+def plot_training(metrics_path: Path, report_dir: Path) -> None:
+    """report/loss.png and report/throughput.png from metrics.jsonl (the training report's plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"stage {recs[0]['stage'] if recs else '?'} training loss")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    stage = recs[0]["stage"] if recs else "?"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for key, label, name in (("loss", "loss", "loss.png"), ("tokens_per_s", "tokens/s", "throughput.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r], marker=".")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title(f"stage {stage} training {label}")
+        fig.tight_layout()
+        fig.savefig(report_dir / name, dpi=100)
+        plt.close(fig)
+
+
+def _finite(x):
+    return x if isinstance(x, int | float) and math.isfinite(x) else None
 
 
 def _all_reduce(values: list[float], device, op=None) -> list[float]:
@@ -397,7 +405,7 @@ def train(
         "steps": end,
         "total_steps": job.total_steps,
         "finished": finished,
-        "final_loss": rec.get("loss"),
+        "final_loss": _finite(rec.get("loss")),  # null, not NaN: summary.json stays strict JSON
         "skipped_steps": skipped_steps,
         "resumed_from": job.resume_from,  # set by --resume, or by Ray Train restarting a failed group
         "checkpoint": str(last_ckpt) if last_ckpt else None,
@@ -405,7 +413,7 @@ def train(
     }
     if rank == 0 and finished and last_ckpt is not None:
         write_final(out, last_ckpt, summary)
-        plot_loss(log.path, out / "loss.png")
+        plot_training(log.path, out / "report")
     return summary
 
 
