@@ -18,7 +18,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
-from operators.text_rules import _MIX, _WORDLIKE_RE
+from operators.text_rules import _MIX, _WORDLIKE_RE, TextRuleParams, is_code
 
 
 def repetition_ratio_reference(text: str, n: int = 10) -> float:
@@ -64,6 +64,9 @@ def repetition_ratio(text: str, n: int = 10) -> float:
     return int(np.count_nonzero(dup)) / m
 
 
+_CODE_PARAMS = TextRuleParams()  # is_code with text_rules' default code_line_frac
+
+
 @register
 class NgramRepetition(Operator):
     """Flags samples whose chosen turns repeat the same n-grams (a looping generation)."""
@@ -77,6 +80,9 @@ class NgramRepetition(Operator):
         turns: Literal["gpt", "human", "all"] = Field("gpt", description="which turns are checked")
         n: int = Field(10, ge=2, description="n-gram length in words (CJK: characters); InternVL uses 10")
         max_ratio: float = Field(0.4, description="flag when the repeated n-gram ratio exceeds this (InternVL: 0.4)")
+        code_max_ratio: float | None = Field(
+            None, description="the threshold for code (text_rules.is_code): listings repeat boilerplate; None = max_ratio"
+        )
         action: Literal["review", "reject"] = Field(
             "review", description="review (paper §4.3: repetitive samples go to manual review) or reject"
         )
@@ -86,9 +92,14 @@ class NgramRepetition(Operator):
 
     def __call__(self, table: pa.Table) -> Verdict:
         p = self.params
-        ratios = np.array([repetition_ratio(t, p.n) for t in conversation_texts(table, p.turns)], np.float64)
+        texts = conversation_texts(table, p.turns)
+        ratios = np.array([repetition_ratio(t, p.n) for t in texts], np.float64)
         verdict = Verdict.keep_all(len(ratios), {"score_ngram_repetition": ratios})
         decision = REJECT if p.action == "reject" else REVIEW
-        for i in np.flatnonzero(ratios > p.max_ratio):
+        over = ratios > p.max_ratio
+        if p.code_max_ratio is not None:  # only the texts over max_ratio need the code check
+            for i in np.flatnonzero(over):
+                over[i] = ratios[i] > (p.code_max_ratio if is_code(texts[i], _CODE_PARAMS) else p.max_ratio)
+        for i in np.flatnonzero(over):
             verdict.flag(int(i), "repeated_ngrams", decision)
         return verdict

@@ -61,6 +61,7 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n")
 _WORDLIKE_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")  # runs of letters/digits; a CJK char alone
 _BULLET_RE = re.compile(r"[ \t]*[•\-*‣◦⁃●▪–](?:\s|$)")  # a bullet line: a marker then a space ("-v" is an option)
 _ELLIPSES = ("...", "…")
+_HASHTAG_RE = re.compile(r"#(?=[^\W_])")  # a hashtag: '#' then a letter or digit ("# comment", "## Title" are not)
 _C4_END = (".", "?", "!", '"', "'")  # C4: a kept line ends in terminal punctuation
 _C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _C4_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
@@ -124,6 +125,18 @@ class TextRuleParams(BaseModel):
         {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
         description="n -> max char fraction covered by copies of an earlier n-gram (overlaps counted once)",
     )
+    ngram_min_words: int = Field(
+        0, description="texts with fewer words skip the top and duplicated n-gram rules (Gopher: 0)"
+    )
+    hashtags_only: bool = Field(
+        False, description="the '#' rule counts only hashtags ('#' then a word char), not '# ' comments (Gopher: all)"
+    )
+    alpha_min_words: int = Field(
+        0, description="texts with fewer words skip the alpha-word rule (Gopher: 0)"
+    )
+    stop_words_min_words: int = Field(
+        0, description="texts with fewer words that hold a letter skip the stop-word rule (Gopher: 0)"
+    )
     code_line_frac: float | None = Field(
         0.5, description="text with this share of code-laid-out lines is code: skips the dup-line and document rules"
     )
@@ -165,6 +178,12 @@ def ellipsis_count(text: str) -> int:
     if n:
         n -= len(_REPL_PROMPT.findall(text))
     return n + text.count("…")
+
+
+def hash_count(text: str, p: TextRuleParams) -> int:
+    """'#' characters, or with `hashtags_only` the hashtags among them."""
+    n = text.count("#")
+    return len(_HASHTAG_RE.findall(text)) if n and p.hashtags_only else n
 
 
 def is_mostly_cjk(text: str, min_frac: float = 0.3) -> bool:
@@ -315,7 +334,7 @@ def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRule
         if p.max_mean_word_len is not None and mean > p.max_mean_word_len:
             return "long_mean_word"
     if p.max_symbol_word_ratio is not None:
-        if text.count("#") / n > p.max_symbol_word_ratio:
+        if hash_count(text, p) / n > p.max_symbol_word_ratio:
             return "many_hashes"
         if ellipsis_count(text) / n > p.max_symbol_word_ratio:
             return "many_ellipses"
@@ -327,11 +346,15 @@ def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRule
     if p.max_ellipsis_lines_frac is not None and not short and \
             sum(ln.rstrip().endswith(_ELLIPSES) for ln in lines) / len(lines) > p.max_ellipsis_lines_frac:
         return "ellipsis_lines"
-    if p.min_alpha_word_frac is not None and sum(map(has_letter, words)) / n < p.min_alpha_word_frac:
+    n_alpha = sum(map(has_letter, words))
+    if p.min_alpha_word_frac is not None and word_count(words, cjk, p) >= p.alpha_min_words \
+            and n_alpha / n < p.min_alpha_word_frac:
         return "few_alpha_words"
-    if p.min_stop_words is not None and stops is not None and \
+    if p.min_stop_words is not None and stops is not None and n_alpha >= p.stop_words_min_words and \
             len({_stop_key(w) for w in words} & stops) < p.min_stop_words:
         return "few_stop_words"
+    if word_count(words, cjk, p) < p.ngram_min_words:
+        return ""
     total = sum(len(w) for w in words)
     scale = p.cjk_ngram_scale if cjk else 1
     for k, frac in sorted(p.top_ngram_char_frac.items()):
@@ -524,7 +547,7 @@ def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRulePar
         if p.max_mean_word_len is not None and mean > p.max_mean_word_len:
             return "long_mean_word"
     if p.max_symbol_word_ratio is not None:
-        if text.count("#") / n > p.max_symbol_word_ratio:
+        if hash_count(text, p) / n > p.max_symbol_word_ratio:
             return "many_hashes"
         if ellipsis_count(text) / n > p.max_symbol_word_ratio:
             return "many_ellipses"
@@ -542,14 +565,16 @@ def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRulePar
     else:
         no_letter = len(_NO_LETTER_WORD_RE.findall(text))
     stats["alpha_word_frac"] = alpha = (n - no_letter) / n
-    if p.min_alpha_word_frac is not None and alpha < p.min_alpha_word_frac:
+    if p.min_alpha_word_frac is not None and n_count >= p.alpha_min_words and alpha < p.min_alpha_word_frac:
         return "few_alpha_words"
-    if p.min_stop_words is not None and stops is not None:
+    if p.min_stop_words is not None and stops is not None and n - no_letter >= p.stop_words_min_words:
         found = stops.intersection(words)  # most texts: enough exact hits without stripping punctuation
         if len(found) < p.min_stop_words:
             found = stops.intersection(map(_stop_key, set(words)))
         if len(found) < p.min_stop_words:
             return "few_stop_words"
+    if n_count < p.ngram_min_words:
+        return ""
     return _ngram_reason(words, lens, p, p.cjk_ngram_scale if cjk else 1)
 
 
