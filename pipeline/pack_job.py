@@ -34,7 +34,8 @@ at 0.6x its bytes (PNG stamps do compress). Files hold `rows_per_shard` packed r
 
 Resume. Every file is written under a deterministic name (temp file + rename), data first, marker
 last. A rerun with the same arguments skips the partitions whose marker exists (and within a rerun
-partition, the shards whose tokens are cached), reruns the tail, and deletes any file in kept/ or
+partition, the shards whose tokens are cached), reruns the tail when any partition ran or its marker
+is missing, and deletes any file in kept/ or
 rejected/ that no marker names (a write cut short, an earlier, longer run), so it ends byte for byte
 as an uninterrupted run would. The token cache depends on the tokenizer (hash of its saved files),
 the system prompt, both budgets, `verify_images` and the input files (path, size, mtime); a change
