@@ -113,8 +113,10 @@ def main():
     print(f"docs: {n} in {len(files)} shards ({arrow_bytes / 1e6:.1f} MB as Arrow, {file_bytes / 1e6:.1f} MB "
           f"of Parquet), cores: {cores}, load average: {os.getloadavg()[0]:.1f}, cpu_models: {cfg.cpu_models}")
     old = None if a.no_baseline else baseline_module()
+    # the same stages for both runners, read once (the YAML may change while the bench runs)
+    old_cfg = None if old is None else old.CurateConfig(stages=cfg.stages, dedup=cfg.dedup, batch_size=cfg.batch_size)
     if old is not None and a.baseline_first:
-        wallb, _ = timed(old.run_curate, old.load_curate_config(None), f"{tmp}/in", f"{tmp}/outb", cores)
+        wallb, _ = timed(old.run_curate, old_cfg, f"{tmp}/in", f"{tmp}/outb", cores)
         print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s "
               f"(load average {os.getloadavg()[0]:.1f})")
     wall, s = timed(run_curate, cfg, f"{tmp}/in", f"{tmp}/out", cores)
@@ -133,7 +135,7 @@ def main():
               f"faster than 1; same kept ids: {same}")
     if old is not None:
         if not a.baseline_first:
-            wallb, _ = timed(old.run_curate, old.load_curate_config(None), f"{tmp}/in", f"{tmp}/outb", cores)
+            wallb, _ = timed(old.run_curate, old_cfg, f"{tmp}/in", f"{tmp}/outb", cores)
         same = kept_ids(f"{tmp}/outb") == ids
         print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s -> this runner is "
               f"{wallb / wall:.2f}x faster; same kept ids: {same}")
