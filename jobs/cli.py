@@ -50,13 +50,14 @@ def cmd_ingest(a) -> None:
 
 
 def cmd_curate(a) -> None:
+    from pipeline.curate_config import load_curate_config
     from pipeline.io import check_readable, list_input_shards
 
     shards = list_input_shards(a.inp)  # a missing or empty --in fails first, before anything heavy is imported
-    from pipeline.curate import load_curate_config, run_curate
+    cfg = load_curate_config(a.config)  # a bad config too: pipeline.curate_config imports no Ray
+    from pipeline.curate import run_curate
     from pipeline.session import ray_session
 
-    cfg = load_curate_config(a.config)  # bad config fails here, before Ray starts
     if a.fail_fast:
         check_readable(shards)
     with ray_session(a.address, a.num_cpus):

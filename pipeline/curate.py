@@ -16,25 +16,30 @@ markers, so a killed run resumes where it stopped and ends with the same files.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator
+from pipeline.curate_config import (  # noqa: F401  (re-exported: pipeline.curate is the job's entry point)
+    DEFAULT_CONFIG,
+    CurateConfig,
+    _one_line,
+    _op_spec,
+    _stage_name,
+    load_curate_config,
+    load_operators,
+)
 from pipeline.dedup_stage import StoreBytes
-from pipeline.distill_stage import DistillConfig, distilled_stages, llm_stage_index
+from pipeline.distill_stage import distilled_stages
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
     exists,
@@ -63,90 +68,8 @@ from pipeline.llm_report import llm_plots
 from pipeline.report import bar_chart, binned_histogram, write_summary
 from pipeline.schema import CANONICAL
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "curate.yaml")
-OPERATOR_MODULES = ("operators.text_rules", "operators.ngram_repetition", "operators.image_checks",
-                    "operators.fasttext_ops", "operators.llm")
 INTERNAL = ("_shard", "_row", "_decision")
 REPEAT_SUFFIX = re.compile(r"#r\d+$")  # ids of repeat_time copies (pipeline/readers.py)
-
-
-class CurateConfig(BaseModel):
-    """A curate job: operator stages in order, then optional global dedup."""
-
-    model_config = ConfigDict(extra="forbid")
-    stages: list[dict[str, Any]] = Field(
-        default_factory=list, description="[{op: name or module:Class, name?: label, ...params}]")
-    dedup: dict[str, Any] | None = Field(None, description="global dedup settings (pipeline.dedup_stage.DedupConfig)")
-    batch_size: int = Field(256, description="rows per map_batches call")
-    actors: int | None = Field(
-        None, ge=1, description="actor pool size for operators that hold a model (null: sized from their resources)")
-    cpu_models: Literal["tasks", "actors"] = Field(
-        "tasks", description="CPU-only model holders (language_id, fasttext_quality): in the task segments, "
-                             "loaded once per worker process, or in their own actor pools")
-    distill: DistillConfig | None = Field(
-        None, description="LLM on a sample + fastText on all rows instead of llm_quality on all rows")
-
-    @model_validator(mode="after")
-    def _distill_has_llm_stage(self) -> CurateConfig:
-        if self.distill is not None:
-            llm_stage_index(self.stages)
-        return self
-
-
-def load_operators() -> None:
-    for mod in OPERATOR_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of its imports does not
-                raise
-
-
-def load_curate_config(path: str | None) -> CurateConfig:
-    """Read and validate the YAML; every stage is built once so a bad operator or threshold fails here."""
-    path = path or DEFAULT_CONFIG
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        cfg = CurateConfig(**raw)
-    except OSError as e:
-        raise FileNotFoundError(f"config {path}: {e.strerror}") from None
-    except (yaml.YAMLError, ValidationError, TypeError) as e:
-        raise ValueError(f"config {path}: {_one_line(e)}") from None
-    load_operators()
-    names = set()
-    for i, spec in enumerate(cfg.stages):
-        try:
-            build_operator(_op_spec(spec))
-        except (ValidationError, ValueError, TypeError) as e:
-            raise ValueError(f"config {path}: stage {i} ({spec.get('op')}): {_one_line(e)}") from None
-        name = _stage_name(spec)
-        if name in names:
-            raise ValueError(f"config {path}: two stages are named {name!r}; give one a `name:`")
-        names.add(name)
-    if cfg.dedup:
-        from pipeline.dedup_stage import DedupConfig
-
-        try:
-            DedupConfig(**cfg.dedup)
-        except ValidationError as e:
-            raise ValueError(f"config {path}: dedup: {_one_line(e)}") from None
-    return cfg
-
-
-def _one_line(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        err = e.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _op_spec(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k != "name"}
-
-
-def _stage_name(spec: dict) -> str:
-    return spec.get("name") or str(spec["op"]).rpartition(":")[2]
 
 
 # ---- applying one operator to a batch -------------------------------------------------------------

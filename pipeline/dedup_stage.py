@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.data.context import ShuffleStrategy
 
 from operators.base import conversation_texts
@@ -45,49 +44,11 @@ from operators.dedup.exact import content_hashes
 from operators.dedup.image import band_values, hamming, near_pairs, phash
 from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
 from operators.dedup.minhash import MinHasher
+from pipeline.curate_config import DedupConfig  # noqa: F401  (the dedup stage's settings)
 from pipeline.io import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
-
-class DedupConfig(BaseModel):
-    """Global dedup stage of `ivl curate` (YAML key `dedup`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    exact: bool = Field(True, description="remove rows whose normalised text + image bytes hash equal")
-    minhash: bool = Field(True, description="remove near-duplicate texts (MinHash LSH)")
-    threshold: float = Field(0.7, gt=0, lt=1, description="Jaccard threshold on word n-gram shingles")
-    num_perm: int = Field(128, ge=2, description="MinHash permutations")
-    ngram: int = Field(5, ge=1, description="tokens per shingle (words; CJK characters count one each)")
-    seed: int = Field(1, description="MinHash permutation seed (datasketch's default 1)")
-    hash: Literal["fast", "sha1"] = Field("fast", description="shingle hash: fast (numpy) or sha1 (datasketch)")
-    # Candidates are verified, so a false positive costs one join row while a false negative loses a
-    # duplicate: weigh misses 4:1. At 0.7/128 this gives 18 bands x 7 rows, catching 98.6% of pairs
-    # at Jaccard 0.8 where datasketch's default 0.5/0.5 (14 x 9) catches 86.7%.
-    false_positive_weight: float = Field(0.2, description="LSH band choice weight (datasketch's _optimal_param)")
-    false_negative_weight: float = Field(0.8, description="LSH band choice weight (datasketch's _optimal_param)")
-    keep: Literal["lowest_id", "highest_score"] = Field("lowest_id", description="survivor of a cluster")
-    score_column: str | None = Field(None, description="column ranked by keep=highest_score, e.g. score_llm")
-    text_only: bool = Field(
-        False, description="MinHash ignores the images (before issue 12); default: a near-duplicate text is a "
-                           "duplicate only when its rows carry the same image bytes (templated VQA keeps its rows)")
-    image: bool = Field(False, description="also remove rows whose images are near-duplicates (pHash)")
-    image_max_hamming: int = Field(4, ge=0, le=15, description="max differing pHash bits per image")
-    rows_per_partition: int = Field(100_000, ge=1, description="key rows (id, hash, signature) per shuffle partition")
-    join_rows_per_partition: int = Field(
-        20_000, ge=1, description="full rows (with images) per partition when labels join back to rows"
-    )
-    local_components_max_edges: int = Field(
-        0, ge=0, description="verified edges up to which one process runs union-find (0: always distributed)"
-    )
-    max_rounds: int = Field(40, ge=1, description="cap on large-star/small-star rounds")
-
-    @model_validator(mode="after")
-    def _score_needed(self) -> DedupConfig:
-        if self.keep == "highest_score" and not self.score_column:
-            raise ValueError("keep=highest_score needs score_column")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------

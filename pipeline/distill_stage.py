@@ -21,62 +21,18 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import KEEP, build_operator, conversation_texts
+from pipeline.curate_config import LLM_OP, DistillConfig, llm_stage_index  # noqa: F401
 from pipeline.io import atomic_write_bytes, read_canonical, write_parquet_atomic
 
-LLM_OP = "llm_quality"
 STAGE_NAME = "llm_quality_distilled"  # reject reasons read `llm_quality_distilled:low_quality`
-
-
-class DistillConfig(BaseModel):
-    """The `distill:` block of a curate config: score a sample with the LLM, apply fastText to all rows."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    sample_size: int = Field(2000, ge=4, description="pure-text rows scored by the LLM (train + held-out)")
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of the scored sample kept out of training")
-    seed: int = Field(0, description="seeds the sample, the train/held-out split and fastText's initialisation "
-                                     "(its 12-thread training is not bit-reproducible)")
-    edges: list[float] | None = Field(
-        None, description="bucket edges on the LLM expected score; default: the llm_quality threshold")
-    quantiles: list[float] | None = Field(
-        None, description="instead of edges: edges at these quantiles of the sample's scores (e.g. [0.5])")
-    epoch: int = Field(25, ge=1, description="fastText epochs")
-    lr: float = Field(0.5, gt=0, description="fastText learning rate")
-    word_ngrams: int = Field(2, ge=1, description="fastText word n-gram length")
-    dim: int = Field(64, ge=2, description="fastText embedding size")
-    min_count: int = Field(1, ge=1, description="fastText: words seen fewer times are dropped")
-    bucket: int = Field(
-        100_000, ge=1000, description="fastText n-gram hash buckets; model bytes ~ (words + bucket) * dim * 4")
-    threshold: float = Field(
-        0.5, ge=0, le=1, description="fasttext_quality: rows whose top-bucket probability is below this are flagged")
-    action: Literal["reject", "review"] = Field("reject", description="fasttext_quality: what a flagged row does")
-    batch_size: int = Field(32, ge=1, description="rows per LLM actor call while scoring the sample")
-    actors: int = Field(1, ge=1, description="LLM actors scoring the sample")
-
-    @model_validator(mode="after")
-    def _one_bucketing(self) -> DistillConfig:
-        if self.edges is not None and self.quantiles is not None:
-            raise ValueError("give edges or quantiles, not both")
-        if self.quantiles is not None and not all(0 < q < 1 for q in self.quantiles):
-            raise ValueError("quantiles must lie strictly between 0 and 1")
-        return self
-
-
-def llm_stage_index(stages: list[dict[str, Any]]) -> int:
-    """Position of the one `llm_quality` stage that distillation replaces (ValueError if not exactly one)."""
-    found = [i for i, s in enumerate(stages) if s.get("op") == LLM_OP]
-    if len(found) != 1:
-        raise ValueError(f"distill needs exactly one {LLM_OP} stage to replace, found {len(found)}")
-    return found[0]
 
 
 def distilled_stages(stages: list[dict[str, Any]], files: list[str], out_dir: str,

@@ -41,3 +41,28 @@ def test_pack_bad_tokenizer_and_budget(tmp_path, sample_meta):
     p, _ = run_cli("pack", "--in", str(shards), "--out", str(tmp_path / "o"), "--tokenizer", sample_meta,
                    "--max-tiles", "0")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--max-tiles must be positive" in p.stderr
+
+
+def test_curate_bad_config_is_one_line_without_importing_ray(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import CANONICAL
+
+    pq.write_table(pa.Table.from_pylist([], schema=CANONICAL), shards / "a.parquet")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - op: text_rules\n    no_such_setting: 1\n")
+    p, took = run_cli("curate", "--in", str(shards), "--out", str(tmp_path / "o"), "--config", str(bad))
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("ivl curate: error: config") and "stage 0 (text_rules)" in p.stderr
+    assert took < 10, f"{took:.1f}s"
+    # the check itself never imports Ray or datasketch (they cost seconds before the line could print)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pipeline.curate_config import load_curate_config;"
+                            f" load_curate_config({str(bad)!r})"], capture_output=True, text=True)
+    assert "stage 0" in probe.stderr
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pipeline.curate_config import load_curate_config;"
+                            " load_curate_config(None); print(sorted(m for m in ('ray', 'datasketch') if m in sys.modules))"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "[]", probe.stderr[-2000:]
