@@ -361,7 +361,11 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
     files = list_input_shards(in_dir)
     units = plan_units(files)
     staged = bool(cfg.dedup)
-    routed = lambda k: read_marker(out_dir, k) is not None  # noqa: E731
+    dedup_done = lambda: read_marker(out_dir, "dedup") is not None  # noqa: E731
+
+    def routed(k: str) -> bool:  # with dedup, units are routed only after its marker: without it a route marker is stale
+        return read_marker(out_dir, k) is not None and (not staged or dedup_done())
+
     done = (lambda k: routed(k) or read_marker(out_dir, f"verdicts-{k}") is not None) if staged else routed
     todo = pending(out_dir, units, done)
     if cfg.distill is not None:  # LLM on a sample -> fastText; resumes from OUT/_distill/done.json
