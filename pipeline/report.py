@@ -95,20 +95,7 @@ def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "ro
 def histogram(values, path: str, title: str, thresholds: list[float] | None = None, bins: int = 40) -> str | None:
     """A histogram with dashed lines at the thresholds, so a person sees what a cut removes."""
     values = [v for v in values if v is not None and v == v]
-    if not values:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(values, bins=bins, color="#55a868")
-    for t in thresholds or []:
-        ax.axvline(t, color="#c44e52", linestyle="--", label=f"threshold {t:g}")
-    if thresholds:
-        ax.legend()
-    ax.set_title(title)
-    ax.set_ylabel("rows")
-    fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
-    return path
+    return binned_histogram(values, [1] * len(values), path, title, thresholds, bins)
 
 
 def binned_histogram(values: list[float], counts: list[int], path: str, title: str,
