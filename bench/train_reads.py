@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from operators.packing import PACKED_SCHEMA  # noqa: E402
 from train import data as D  # noqa: E402
 
 TOKENS = 16_384
@@ -58,22 +59,7 @@ def packed_rows(n: int, images: int, image_kb: int, seed: int = 0) -> pa.Table:
                 "num_tiles": images,
             }
         )
-    schema = pa.schema(
-        [
-            ("input_ids", pa.list_(pa.int32())),
-            ("labels", pa.list_(pa.int32())),
-            ("position_ids", pa.list_(pa.int32())),
-            ("cu_seqlens", pa.list_(pa.int32())),
-            ("sample_ids", pa.list_(pa.string())),
-            ("images", pa.list_(pa.binary())),
-            ("tiles_per_image", pa.list_(pa.int32())),
-            ("image_max_tiles", pa.list_(pa.int32())),
-            ("image_augment", pa.list_(pa.bool_())),
-            ("num_tokens", pa.int32()),
-            ("num_tiles", pa.int32()),
-        ]
-    )
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=PACKED_SCHEMA)
 
 
 def write_layout(table: pa.Table, folder: Path, shards: int, row_group_size: int | None) -> list[str]:
