@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io import write_parquet_atomic
@@ -39,16 +38,17 @@ def _parquet_files(folder: str) -> list[str]:
 
 @dataclass
 class ReviewSet:
-    """The review rows of one curate run, indexed by position (0..n-1) in file order."""
+    """The review rows of one curate run, indexed by position (0..n-1) in file order. The index holds ids,
+    sources, reasons and scores only; content (text, images) is read one row at a time."""
 
     run: str
     ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     reasons: list[list[str]] = field(default_factory=list)
     scores: list[dict[str, float | None]] = field(default_factory=list)
-    n_images: list[int] = field(default_factory=list)
     where: list[tuple[str, int]] = field(default_factory=list)  # (file, row in file)
     dup_neighbours: dict[str, list[str]] = field(default_factory=dict)
+    _open: tuple[str, pa.Table | None] = ("", None)  # the shard read last
 
     @classmethod
     def open(cls, run: str) -> ReviewSet:
@@ -57,7 +57,6 @@ class ReviewSet:
             names = pq.read_schema(path).names
             score_cols = [c for c in names if c.startswith("score_")]
             t = pq.read_table(path, columns=["id", "source", "review_reason", *score_cols])
-            lens = pc.list_value_length(pq.read_table(path, columns=["images"]).column("images")).to_pylist()
             cols = {c: t.column(c).to_pylist() for c in score_cols}
             for i, (rid, src, why) in enumerate(zip(t.column("id").to_pylist(), t.column("source").to_pylist(),
                                                     t.column("review_reason").to_pylist())):
@@ -65,7 +64,6 @@ class ReviewSet:
                 rs.sources.append(src)
                 rs.reasons.append([r for r in (why or "").split(";") if r])
                 rs.scores.append({c: _finite(v[i]) for c, v in cols.items()})
-                rs.n_images.append(lens[i] or 0)
                 rs.where.append((path, i))
         for path in _parquet_files(os.path.join(run, "rejected")):
             if "dup_of" not in pq.read_schema(path).names:
@@ -82,7 +80,9 @@ class ReviewSet:
     def row(self, idx: int) -> dict:
         """One full review row (conversations, images, meta, every reason and score)."""
         path, i = self.where[idx]
-        return pq.read_table(path).slice(i, 1).to_pylist()[0]
+        if self._open[0] != path:  # a reviewer pages in file order: one shard read per shard, not per row
+            self._open = (path, pq.read_table(path))
+        return self._open[1].slice(i, 1).to_pylist()[0]
 
     def matches(self, idx: int, reason: str = "", source: str = "", score: str = "",
                 lo: float | None = None, hi: float | None = None) -> bool:

@@ -52,13 +52,13 @@ class ReviewApp:
         rid = self.rows.ids[i]
         d = self.decided.get(rid, {})
         return {"idx": i, "id": rid, "source": self.rows.sources[i], "reasons": self.rows.reasons[i],
-                "scores": self.rows.scores[i], "images": self.rows.n_images[i],
+                "scores": self.rows.scores[i],
                 "decision": d.get("decision", ""), "note": d.get("note", "")}
 
     def detail(self, i: int) -> dict:
         row = self.rows.row(i)
         return self.brief(i) | {
-            "category": row.get("category", ""), "conversations": row.get("conversations") or [],
+            "images": len(row.get("images") or []), "category": row.get("category", ""), "conversations": row.get("conversations") or [],
             "meta": row.get("meta", ""), "dup_neighbours": self.rows.dup_neighbours.get(self.rows.ids[i], [])}
 
     def decide(self, rid: str, decision: str, note: str) -> dict:
