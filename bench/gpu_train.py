@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_step import VOCAB, synthetic_row  # noqa: E402
+from train_step import VOCAB, synthetic_row, time_steps  # noqa: E402
 
 from model.build import from_preset  # noqa: E402
 from train import attention as A  # noqa: E402
@@ -101,19 +100,8 @@ def autocast(device):
 
 
 def timed(fn, device, warmup: int, iters: int) -> dict:
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    dt = (time.perf_counter() - t0) / iters
-    return {"step_s": dt, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+    dt, mem = time_steps(fn, warmup, iters, device)
+    return {"step_s": dt, "peak_mem_gb": mem}
 
 
 def main() -> None:

@@ -74,7 +74,8 @@ def synthetic_row(device, tokens=16_384, samples=8, tiles=16, vocab=VOCAB, image
     }
 
 
-def _time(fn, warmup, iters, device):
+def time_steps(fn, warmup, iters, device):
+    """Seconds per call of fn after warm-up, and peak GPU memory in GiB (None on CPU)."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
@@ -178,7 +179,7 @@ def gpu_bench(args) -> dict:
     for name, fn in (("ours", ours), ("stock_packed", stock), ("stock_8_rows", rows)):
         torch.cuda.empty_cache()
         try:
-            dt, mem = _time(fn, args.warmup, args.iters, device)
+            dt, mem = time_steps(fn, args.warmup, args.iters, device)
         except torch.cuda.OutOfMemoryError:
             results[name] = {"error": "out of memory"}
             continue
