@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from importlib import resources
 from typing import Any, Literal
 
 import yaml
@@ -12,7 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from operators.base import build_operator
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "curate.yaml")
+
+def bundled_config(name: str = "curate.yaml") -> str:
+    """Path of a config shipped in the package (`jobs/configs/`), found as a package resource."""
+    return str(resources.files("jobs").joinpath("configs", name))
+
+
+DEFAULT_CONFIG = bundled_config()
 OPERATOR_MODULES = ("operators.text_rules", "operators.ngram_repetition", "operators.image_checks",
                     "operators.fasttext_ops", "operators.llm")
 LLM_OP = "llm_quality"
@@ -136,6 +143,8 @@ def load_operators() -> None:
 def load_curate_config(path: str | None) -> CurateConfig:
     """Read and validate the YAML; every stage is built once so a bad operator or threshold fails here."""
     path = path or DEFAULT_CONFIG
+    if not os.path.exists(path) and os.sep not in path and os.path.exists(bundled_config(path)):
+        path = bundled_config(path)  # a bundled config by name: `--config curate_llm.yaml`
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}

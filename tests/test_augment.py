@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest_train import real_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import real_images  # noqa: E402
-
-from model.tiling import count_tiles, dynamic_preprocess  # noqa: E402
-from train.data import JPEG_QUALITY, image_tiles, jpeg_degrade, normalize, prepare_pack  # noqa: E402
+from model.tiling import count_tiles, dynamic_preprocess
+from train.data import JPEG_QUALITY, image_tiles, jpeg_degrade, normalize, prepare_pack
 
 
 @pytest.fixture(scope="module")

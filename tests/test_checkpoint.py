@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest_train import small_packed_dataset
 from transformers import AutoTokenizer, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import small_packed_dataset  # noqa: E402
-
-from model.build import IMG_CONTEXT, SPECIAL_TOKENS, compose  # noqa: E402
-from train.checkpoint import latest_checkpoint, load_trainer_state  # noqa: E402
-from train.launcher import run_train  # noqa: E402
+from model.build import IMG_CONTEXT, SPECIAL_TOKENS, compose
+from train.checkpoint import latest_checkpoint, load_trainer_state
+from train.launcher import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"warmup_steps": 1, "lr": 1e-3, "grad_accum": 2, "save_every": 2}  # stage 1.5: drop path on

@@ -14,6 +14,7 @@ from llm_samples import conversation, needs_smollm2, real_texts
 
 from operators.base import KEEP, REJECT, REVIEW
 from pipeline.curate import CurateConfig, load_curate_config, run_curate
+from pipeline.curate_config import bundled_config
 from pipeline.distill_stage import DistillConfig, _smallest_in_shard, draw_sample, row_hash
 from pipeline.io import write_parquet_atomic
 from pipeline.llm_report import llm_plots
@@ -51,7 +52,7 @@ def write_input(folder, rows, n_shards=3) -> list[str]:
 # ---- configuration ------------------------------------------------------------------------------
 
 def test_example_config_loads_and_distill_settings_are_checked(tmp_path):
-    cfg = load_curate_config(os.path.join(ROOT, "jobs", "configs", "curate_distill.yaml"))
+    cfg = load_curate_config(bundled_config("curate_distill.yaml"))
     assert cfg.distill is not None and cfg.distill.sample_size > 0
     for bad, message in (({"stages": [{"op": "text_rules"}], "distill": {}}, "exactly one llm_quality"),
                          ({"stages": [LLM], "distill": {"sample_sizes": 3}}, "sample_sizes"),

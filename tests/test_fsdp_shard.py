@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import small_packed_dataset  # noqa: E402
+from conftest_train import small_packed_dataset
 
 pytestmark = pytest.mark.slow
 WORLD = 2

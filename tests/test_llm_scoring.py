@@ -402,12 +402,13 @@ def test_retry_after_is_honoured_with_jitter():
 
 def test_example_configs_validate():
     from pipeline.curate import load_curate_config
+    from pipeline.curate_config import bundled_config
 
     for name in ("curate_llm.yaml", "curate_vllm.yaml", "curate_vllm_cpu.yaml"):
-        cfg = load_curate_config(f"jobs/configs/{name}")
+        cfg = load_curate_config(bundled_config(name))
         ops = [s["op"] for s in cfg.stages]
         assert ops[-2:] == ["llm_quality", "llm_repetition"]
-    vllm_cfg = load_curate_config("jobs/configs/curate_vllm.yaml")
+    vllm_cfg = load_curate_config(bundled_config("curate_vllm.yaml"))
     op = build_operator({k: v for k, v in vllm_cfg.stages[1].items() if k != "name"})
     assert op.params.backend.kind == "vllm" and op.num_gpus == 2
 

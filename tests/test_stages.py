@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import (  # noqa: E402
+from conftest_train import (
     pack_samples,
     random_samples,
     small_packed_dataset,
     write_packed_dataset,
 )
 
-from model.build import from_checkpoint, from_preset  # noqa: E402
-from train.launcher import run_train  # noqa: E402
-from train.stages import apply_stage, build_optimizer, load_stage_config, stage_config  # noqa: E402
+from model.build import from_checkpoint, from_preset
+from train.launcher import run_train
+from train.stages import apply_stage, build_optimizer, load_stage_config, stage_config
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from operators.text_rules import (
     reference_reason,
     words_of,
 )
+from pipeline.curate_config import bundled_config
 from pipeline.schema import rows_to_table
 
 DATA = Path(__file__).parent / "data" / "text_excerpts.json"
@@ -317,14 +318,14 @@ def test_c4_and_fineweb_rule_sets_are_options():
 def test_default_config_identifies_the_language_before_the_text_rules():
     import yaml
 
-    stages = [s["op"] for s in yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/curate.yaml").read_text())["stages"]]
+    stages = [s["op"] for s in yaml.safe_load(Path(bundled_config()).read_text())["stages"]]
     assert stages.index("language_id") < stages.index("text_rules")
 
 
 def _default_text_rule_params() -> dict:
     import yaml
 
-    stages = yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/curate.yaml").read_text())["stages"]
+    stages = yaml.safe_load(Path(bundled_config()).read_text())["stages"]
     spec = dict(next(s for s in stages if s["op"] == "text_rules"))
     spec.pop("op")
     return spec
@@ -351,7 +352,7 @@ def test_default_config_sends_no_shipped_real_paragraph_to_review():
 
     data = json.loads(REAL.read_text(encoding="utf-8"))
     assert {it["source"] for it in data["items"]} <= set(data["licences"])
-    stages = yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/curate.yaml").read_text())["stages"]
+    stages = yaml.safe_load(Path(bundled_config()).read_text())["stages"]
     table = rows_to_table([sample(it["text"]) for it in data["items"]])
     flagged = []
     for spec in (s for s in stages if s["op"] in ("language_id", "text_rules", "ngram_repetition")):

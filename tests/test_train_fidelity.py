@@ -4,24 +4,20 @@ resume refusing changed data."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest_train import pack_samples, random_samples, write_packed_dataset
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import pack_samples, random_samples, write_packed_dataset  # noqa: E402
-
-from model.build import from_preset  # noqa: E402
-from train.checkpoint import MASTER_FILE, latest_checkpoint  # noqa: E402
-from train.data import prepare_pack, to_device  # noqa: E402
-from train.launcher import run_train  # noqa: E402
-from train.loop import TrainJob, setup_training, train_step  # noqa: E402
-from train.loss import IGNORE  # noqa: E402
-from train.stages import build_optimizer, build_scheduler, lr_factor, stage_config  # noqa: E402
+from model.build import from_preset
+from train.checkpoint import MASTER_FILE, latest_checkpoint
+from train.data import prepare_pack, to_device
+from train.launcher import run_train
+from train.loop import TrainJob, setup_training, train_step
+from train.loss import IGNORE
+from train.stages import build_optimizer, build_scheduler, lr_factor, stage_config
 
 
 @pytest.fixture(scope="module")

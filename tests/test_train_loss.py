@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest_train import pack_samples, random_samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import pack_samples, random_samples  # noqa: E402
-
-from model.build import TOKENS_PER_TILE, from_preset  # noqa: E402
-from train import attention as A  # noqa: E402
-from train import loss as L  # noqa: E402
-from train.data import prepare_pack, to_device  # noqa: E402
+from model.build import TOKENS_PER_TILE, from_preset
+from train import attention as A
+from train import loss as L
+from train.data import prepare_pack, to_device
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_train import small_packed_dataset  # noqa: E402
+from conftest_train import small_packed_dataset
 
 pytestmark = pytest.mark.slow
 
