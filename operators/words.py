@@ -1,0 +1,32 @@
+"""Words, lines and code detection shared by the text operators (text_rules, ngram_repetition).
+
+A word-like token is a run of letters/digits, or one Han/kana character alone (Chinese and Japanese are
+written without spaces). Word n-grams are hashed as 64-bit integers with `NGRAM_HASH_MIX`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # Han and kana (Hangul is spaced)
+WORDLIKE_RE = re.compile(rf"[{CJK_CHARS}]|[^\W{CJK_CHARS}]+")  # runs of letters/digits; a CJK char alone
+NGRAM_HASH_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the rolling n-gram hash
+CODE_LINE_FRAC = 0.5  # default share of code-laid-out lines that makes a text code
+# a line laid out as code: indented, a REPL or shell prompt, a comment, or ending in code punctuation
+CODE_LINE_RE = re.compile(r"^(?:    |\t|>>>|\.\.\.|\$ |#|//)|[{}();:,\[\]\\=]\s*$")
+
+
+def nonempty_lines(text: str) -> list[str]:
+    """Non-empty lines (a blank line is no line of content)."""
+    return [ln for ln in text.split("\n") if ln.strip()]
+
+
+def is_code(text: str, code_line_frac: float | None = CODE_LINE_FRAC) -> bool:
+    """Code or a code listing: at least `code_line_frac` of 3+ non-empty lines are laid out as code
+    (None: never code)."""
+    if code_line_frac is None or text.count("\n") < 2:
+        return False
+    lines = nonempty_lines(text)
+    return len(lines) >= 3 and sum(1 for ln in lines if CODE_LINE_RE.search(ln)) >= code_line_frac * len(lines)
