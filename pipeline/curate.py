@@ -125,7 +125,7 @@ def _scatter_index(active: np.ndarray, n: int) -> pa.Array:
     return pa.array(pos, mask=pos < 0)
 
 
-class _OperatorActor:
+class OperatorActor:
     """A Ray Data actor: builds the operator and loads its model once (setup), then serves batches."""
 
     def __init__(self, spec: dict):
@@ -149,7 +149,7 @@ def add_stages(ds: ray.data.Dataset, cfg: CurateConfig) -> ray.data.Dataset:
     for spec in cfg.stages:
         op = build_operator(_op_spec(spec))  # cheap: models load in setup(), on the workers
         if op.needs_model:
-            ds = ds.map_batches(_OperatorActor, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.batch_size,
+            ds = ds.map_batches(OperatorActor, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.batch_size,
                                 batch_format="pyarrow", concurrency=cfg.actors or 1, num_gpus=op.num_gpus or None)
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"spec": spec}, batch_size=cfg.batch_size,

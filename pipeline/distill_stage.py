@@ -75,7 +75,7 @@ def score_sample(sample: pa.Table, llm_spec: dict, cfg: DistillConfig) -> tuple[
     """LLM scores of the sample through the curate runner's actor (setup once, batches after);
     returns (id, _h, _decision, score_quality, llm_quality_domain, llm_quality_error) sorted by
     hash (the report draws its histograms from them), and the LLM's busy seconds."""
-    from pipeline.curate import _OperatorActor, load_operators
+    from pipeline.curate import OperatorActor, load_operators
 
     load_operators()
     name = llm_spec.get("name") or LLM_OP
@@ -86,7 +86,7 @@ def score_sample(sample: pa.Table, llm_spec: dict, cfg: DistillConfig) -> tuple[
     num_gpus = build_operator({k: v for k, v in llm_spec.items() if k != "name"}).num_gpus
     blocks = max(1, min(cfg.actors * 4, -(-n // cfg.batch_size)))  # enough blocks to feed every actor
     ds = ray.data.from_arrow(routed).repartition(blocks).map_batches(
-        _OperatorActor, fn_constructor_kwargs={"spec": llm_spec}, batch_size=cfg.batch_size,
+        OperatorActor, fn_constructor_kwargs={"spec": llm_spec}, batch_size=cfg.batch_size,
         batch_format="pyarrow", concurrency=cfg.actors, num_gpus=num_gpus or None)
     cols = ["id", "_h", "_decision", "score_quality", "llm_quality_domain", "llm_quality_error", f"_sec_{name}"]
     # promote: a block whose rows all scored has a null-typed error column
