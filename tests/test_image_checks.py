@@ -129,3 +129,21 @@ def test_placeholder_count_must_equal_image_count(n_placeholders, n_images):
     imgs = [noise(16, 16, k) for k in range(n_images)]
     v = structure([row(imgs, text="<image>" * n_placeholders + " Describe.")])
     assert (v.rule[0] == "placeholder_mismatch") == (n_placeholders != n_images)
+
+
+# ---------------------------------------------------------------- operators/images.py: one probing policy
+def test_image_probe_problems_are_typed(sample_images):
+    from operators.images import ImageError, ImageProblem, decode_draft, decode_image, image_size
+
+    real = open(sample_images[0], "rb").read()
+    assert image_size(real) == decode_image(real).size == decode_draft(real, "L", 16)[0]
+    cases = {b"": ImageProblem.NOT_AN_IMAGE, b"not an image": ImageProblem.NOT_AN_IMAGE,
+             bomb_png(100_000, 100_000): ImageProblem.TOO_MANY_PIXELS, real[: len(real) - 40]: ImageProblem.BROKEN_DATA}
+    for data, problem in cases.items():
+        with pytest.raises(ImageError) as err:
+            decode_image(data)
+        assert err.value.problem is problem
+    assert image_size(bomb_png(9_000, 9_000)) == (9_000, 9_000)  # the header alone reads: no pixel is decoded
+    with pytest.raises(ImageError) as err:
+        image_size(bomb_png(9_000, 9_000), max_pixels=1_000_000)
+    assert err.value.problem is ImageProblem.TOO_MANY_PIXELS

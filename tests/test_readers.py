@@ -196,3 +196,23 @@ def test_image_path_with_a_nul_byte_is_rejected(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"image": "a\u0000.png", "conversations": conv()}])  # found by fuzzing
     _, rejected = read_all([str(tmp_path / "a.jsonl")])
     assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
+
+
+def test_placeholder_rule_is_internvls():
+    """operators/conversation.py: only human turns count; one image without `<image>` goes before the first
+    human turn (after a system turn); a `<image>` in a gpt or system turn is a mismatch, never literal text."""
+    from operators.conversation import ConversationProblem, check_conversation, count_placeholders
+
+    sys_first = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What?"},
+                 {"from": "gpt", "value": "A cat."}]
+    turns, problem = check_conversation(sys_first, 1)
+    assert problem is None and turns[1]["value"] == "<image>\nWhat?" and sys_first[1]["value"] == "What?"
+    assert count_placeholders(turns) == 1
+    later = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+             {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "A dog."}]
+    assert check_conversation(later, 1) == (later, None)  # the author's place is kept, no second placeholder
+    in_answer = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "An <image> tag."}]
+    assert check_conversation(in_answer, 1)[1] is ConversationProblem.IMAGE_COUNT_MISMATCH
+    two = [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Same."}]
+    assert check_conversation(two, 2)[1] is ConversationProblem.IMAGE_COUNT_MISMATCH  # no prepend for 2 images
+    assert check_conversation(two, 0) == (two, None)
