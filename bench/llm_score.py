@@ -162,7 +162,7 @@ def cpu_main(args) -> None:
 def gpu_main(args) -> None:
     from transformers import Qwen2ForCausalLM
 
-    from model.build import PRESETS, _text_config
+    from model.presets import PRESETS, text_config
 
     assert args.model_config == "qwen2.5-0.5b", "only qwen2.5-0.5b's shape is built in"
     device = args.device
@@ -173,8 +173,8 @@ def gpu_main(args) -> None:
         config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                              tie_word_embeddings=True)
-    else:  # the `1b` preset's LLM is Qwen2.5-0.5B's shape; _text_config handles transformers 4.5x and 5.x
-        config = _text_config(151936, PRESETS["1b"].text, tie=True)
+    else:  # the `1b` preset's LLM is Qwen2.5-0.5B's shape; text_config handles transformers 4.5x and 5.x
+        config = text_config(151936, PRESETS["1b"].text, tie=True)
     config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
     n_params = sum(p.numel() for p in model.parameters())

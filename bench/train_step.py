@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.build import TOKENS_PER_TILE, from_preset  # noqa: E402
+from model.build import from_preset  # noqa: E402
+from model.tiling import TOKENS_PER_TILE  # noqa: E402
 from train import attention as A  # noqa: E402
 from train.loop import peak_flops, step_flops, train_step  # noqa: E402
 from train.loss import PackedLoss, shift_targets, token_weights, weighted_cross_entropy  # noqa: E402

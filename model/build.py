@@ -1,4 +1,4 @@
-"""Build an InternVL 2.5 model with transformers' native classes (REFERENCE.md, "Model").
+"""Build an InternVL 2.5 model with transformers' native classes (InternVL 2.5 report, arXiv 2412.05271, §3).
 
 Ways in:
 - `from_checkpoint(path)`: an InternVL HF-format directory (`-hf` checkpoints, or a stage output), in fp32 by
@@ -27,45 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from model.presets import (
-    PRESETS,
-    Preset,
-    get_preset,
-    internvl_config,
-    preset_config,
-    text_config,
-    vision_config,
-)
-from model.tiling import TOKENS_PER_TILE  # 448/14 = 32x32 patches, pixel unshuffle 0.5 -> 256 tokens per tile
-from model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
-
-__all__ = [
-    "PRESETS", "Preset", "SPECIAL_TOKENS", "TOKENS_PER_TILE", "IMG_CONTEXT", "IMG_END", "IMG_START",
-    "attach_tokenizer", "build_empty", "build_model", "canonical_keys", "compose_checkpoint", "compose", "ensure_special_tokens", "from_checkpoint",
-    "from_preset", "internvl_config", "load_tokenizer", "load_weights", "materialize", "read_state_dict",
-    "resize_embeddings_mean",
-]
-
-# what the model itself needs (`ivl pack` also adds the grounding tokens)
-SPECIAL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)
-
-
-def _text_config(vocab_size: int, shape: dict, tie: bool, text_type: str = "qwen2"):
-    """Kept for bench/llm_score.py: see `model.presets.text_config`."""
-    return text_config(vocab_size, shape, tie, text_type)
-
-
-def _vision_config(shape: dict):
-    return vision_config(shape)
-
-
-def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Add `<img>`, `</img>`, `<IMG_CONTEXT>` when missing; return the ones added."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return missing
+from model.presets import PRESETS, get_preset, internvl_config, preset_config
+from model.tokenizer import IMG_CONTEXT, add_internvl_tokens, load_tokenizer
 
 
 def resize_embeddings_mean(model: InternVLForConditionalGeneration, vocab_size: int) -> None:
@@ -87,18 +50,10 @@ def resize_embeddings_mean(model: InternVLForConditionalGeneration, vocab_size: 
 
 
 def attach_tokenizer(model: InternVLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Make model and tokenizer agree: special tokens present, vocab large enough, image_token_id set."""
-    ensure_special_tokens(tokenizer)
+    """Make model and tokenizer agree: every InternVL token present, vocab large enough, image_token_id set."""
+    add_internvl_tokens(tokenizer)
     resize_embeddings_mean(model, len(tokenizer))
     model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    ensure_special_tokens(tok)
-    return tok
 
 
 # ---------------------------------------------------------------- meta-device building and weight loading
@@ -203,7 +158,7 @@ def from_preset(
     preset = get_preset(name)
     image_token_id = None
     if tokenizer is not None:
-        ensure_special_tokens(tokenizer)
+        add_internvl_tokens(tokenizer)
         vocab_size = len(tokenizer)
         image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     elif vocab_size is None and preset.vocab_size is None:
@@ -278,7 +233,7 @@ def compose(
         llm_sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
                   for k, v in raw.items()}
         tokenizer = tokenizer or load_tokenizer(llm_from)
-    ensure_special_tokens(tokenizer)
+    add_internvl_tokens(tokenizer)
     config = internvl_config(vision_cfg, text_cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT), tie)
     model = materialize(build_empty(config), device)
     vision_sd = read_state_dict(vision_from, ("model.vision_tower.", "vision_tower."))

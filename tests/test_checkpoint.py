@@ -15,7 +15,8 @@ import torch
 from conftest_train import small_packed_dataset
 from transformers import AutoTokenizer, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-from model.build import IMG_CONTEXT, SPECIAL_TOKENS, compose
+from model.build import compose
+from model.tokenizer import IMG_CONTEXT, INTERNVL_TOKENS
 from train.checkpoint import latest_checkpoint, load_trainer_state
 from train.launcher import run_train
 
@@ -129,7 +130,7 @@ def test_progressive_scaling_compose_then_stage1(train_tok, data, tmp_path):
     plain = tmp_path / "plain_tok"
     base_tok.save_pretrained(plain)
     llm_cfg = Qwen2Config(
-        vocab_size=len(base_tok) - len(SPECIAL_TOKENS),
+        vocab_size=len(base_tok) - len(INTERNVL_TOKENS),
         hidden_size=96,
         intermediate_size=192,
         num_hidden_layers=2,
@@ -144,7 +145,7 @@ def test_progressive_scaling_compose_then_stage1(train_tok, data, tmp_path):
     from tokenizers import Tokenizer  # drop the InternVL tokens to exercise adding them
 
     raw = json.loads(Tokenizer.from_file(str(plain / "tokenizer.json")).to_str())
-    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] not in SPECIAL_TOKENS]
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] not in INTERNVL_TOKENS]
     Tokenizer.from_str(json.dumps(raw)).save(str(llm_dir / "tokenizer.json"))
     for f in ("tokenizer_config.json", "chat_template.jinja"):
         if (plain / f).exists():
@@ -163,9 +164,9 @@ def test_progressive_scaling_compose_then_stage1(train_tok, data, tmp_path):
         assert torch.equal(model.model.vision_tower.state_dict()[k], v)
     emb = model.get_input_embeddings().weight
     n_old = llm_cfg.vocab_size
-    assert emb.shape[0] == len(new_tok) == n_old + 3 and model.config.text_config.hidden_size == 96
+    assert emb.shape[0] == len(new_tok) == n_old + 9 and model.config.text_config.hidden_size == 96
     torch.testing.assert_close(emb[:n_old], llm.get_input_embeddings().weight)
-    torch.testing.assert_close(emb[n_old:], llm.get_input_embeddings().weight.mean(0).expand(3, -1))
+    torch.testing.assert_close(emb[n_old:], llm.get_input_embeddings().weight.mean(0).expand(9, -1))
     assert model.model.multi_modal_projector.linear_2.weight.shape == (96, 96)
     assert model.config.image_token_id == new_tok.convert_tokens_to_ids(IMG_CONTEXT)
 

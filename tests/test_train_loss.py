@@ -8,7 +8,8 @@ from conftest_train import pack_samples, random_samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.build import TOKENS_PER_TILE, from_preset
+from model.build import from_preset
+from model.tiling import TOKENS_PER_TILE
 from train import attention as A
 from train import loss as L
 from train.data import prepare_pack, to_device

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.build import build_model, from_checkpoint, load_tokenizer
+from model.build import build_model, from_checkpoint
+from model.tokenizer import load_tokenizer
 from train import attention as A
 from train.checkpoint import (
     full_state_dict,
