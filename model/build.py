@@ -67,6 +67,12 @@ def materialize(model: torch.nn.Module, device: str | torch.device = "cpu") -> t
     """Give a meta-device (or FSDP2-sharded meta) model real, uninitialised storage on `device`, and recompute
     the buffers no checkpoint holds (RoPE `inv_freq`); `load_weights` fills the rest."""
     model.to_empty(device=device)
+    fill_computed_buffers(model, device)
+    return model
+
+
+def fill_computed_buffers(model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    """Recompute the non-persistent buffers (RoPE `inv_freq`) of a model given storage by `to_empty`."""
     for mod in model.modules():
         missing = [n for n in getattr(mod, "_non_persistent_buffers_set", ()) if mod._buffers.get(n) is not None]
         if missing:
@@ -74,7 +80,75 @@ def materialize(model: torch.nn.Module, device: str | torch.device = "cpu") -> t
                 fresh = type(mod)(mod.config)  # RoPE modules compute their buffers from the config alone
             for n in missing:
                 mod._buffers[n] = getattr(fresh, n).to(device)
-    return model
+
+
+class CheckpointRows:
+    """The tensors of an HF checkpoint dir (safetensors, sharded or not) by name, read by row range: a
+    `get_slice` reads only the bytes of the rows asked for, so an FSDP2 rank reads only its shard."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.handles = [safe_open(str(f), framework="pt") for f in _safetensors_files(Path(path))]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        sl = self.where[key].get_slice(key)
+        return sl[start:stop] if len(sl.get_shape()) else sl[:]
+
+
+class MappingRows:
+    """The same interface over a name -> tensor mapping (e.g. `torch.load(..., mmap=True)`: slicing an mmap'd
+    tensor reads only those rows' pages)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        t = self.tensors[key]
+        return t[start:stop].clone() if t.dim() else t.clone()
+
+
+def _shard_rows(param: torch.Tensor) -> tuple[int, int]:
+    """[start, stop) of dim 0 this rank holds of an FSDP2 parameter (Shard(0), torch.chunk's split)."""
+    if type(param).__name__ != "DTensor":
+        return 0, param.shape[0] if param.dim() else 0
+    mesh = param.device_mesh
+    n, world, rank = param.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-n // world)
+    start = min(rank * chunk, n)
+    return start, min(start + chunk, n)
+
+
+def load_sharded(model: InternVLForConditionalGeneration, source, dtype: torch.dtype = torch.float32) -> int:
+    """Fill a model given storage (FSDP2-sharded or not) from `source` (`CheckpointRows`, `MappingRows`): each
+    parameter's local rows only, cast to `dtype`; persistent buffers whole. Returns the elements read.
+    Legacy checkpoint names are mapped; a tied `lm_head.weight` follows the embeddings."""
+    to_model = canonical_keys(model, source.keys())
+    from_model = {v: k for k, v in to_model.items()}
+    persistent = set(model.state_dict())
+    tensors = dict(model.named_parameters())  # tied weights once
+    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
+    missing = sorted(n for n in tensors if n not in from_model)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
+    read = 0
+    with torch.no_grad():
+        for name, t in tensors.items():
+            local = t.to_local() if type(t).__name__ == "DTensor" else t
+            start, stop = _shard_rows(t)
+            rows = source.rows(from_model[name], start, stop)
+            if tuple(rows.shape) != tuple(local.shape):
+                raise ValueError(f"{name}: checkpoint rows {tuple(rows.shape)}, this rank holds {tuple(local.shape)}")
+            local.copy_(rows.to(dtype) if rows.is_floating_point() else rows)
+            read += rows.numel()
+    return read
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """FSDP2 that shards (issue 13 item 3): two CPU ranks over gloo, no Ray. Each rank builds the model on the
-meta device, shards it and holds only its shards; the weights it ends with are exactly the checkpoint's."""
+meta device, shards it, holds only its shards and reads only its shards' rows from the checkpoint's
+safetensors; the weights it ends with are exactly the checkpoint's (bf16 -> fp32 masters)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def _rank(rank: int, port: int, src: str, data: str, out: str) -> None:
         local = local_param_numel(model)
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         assert abs(local / total - 1 / WORLD) < 0.02, f"rank {rank} holds {local} of {total} elements"
+        read = model.elements_read  # parameter rows read from disk by this rank (+ persistent buffers)
+        assert abs(read / total - 1 / WORLD) < 0.02, f"rank {rank} read {read} of {total} elements"
         full = full_state_dict(model)
         if rank == 0:
             expected = ref.state_dict()

@@ -22,10 +22,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.build import build_model, from_checkpoint
-from model.tokenizer import load_tokenizer
+from model.build import (
+    CheckpointRows,
+    MappingRows,
+    build_model,
+    fill_computed_buffers,
+    from_checkpoint,
+    load_sharded,
+)
+from model.presets import PRESETS
+from model.tokenizer import IMG_CONTEXT, load_tokenizer
 from train import attention as A
 from train.checkpoint import (
+    MASTER_FILE,
     full_state_dict,
     latest_checkpoint,
     load_master_weights,
@@ -134,21 +143,48 @@ def sharded_layers(model) -> list[torch.nn.Module]:
     return [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]
 
 
+def checkpoint_source(job: TrainJob):
+    """Where a sharded run reads its weights (a row-range reader), its config and tokenizer; None for a preset
+    (random init: nothing to read) or a checkpoint whose tokenizer would grow its vocabulary."""
+    from transformers import AutoConfig
+
+    path = job.resume_from or (None if job.model in PRESETS else job.model)
+    if path is None:
+        return None
+    config, tok = AutoConfig.from_pretrained(str(path)), load_tokenizer(path)
+    if len(tok) > config.text_config.vocab_size:
+        return None  # the embeddings grow (mean of the old rows): built whole on rank 0, see `load_full_model`
+    config.image_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
+    master = Path(path) / MASTER_FILE if job.resume_from else None
+    if master is not None and master.exists():  # the exact fp32 weights, not the saved bf16 rounding
+        source = MappingRows(torch.load(master, map_location="cpu", weights_only=True, mmap=True))
+    else:
+        source = CheckpointRows(path)
+    return source, config, tok
+
+
 def setup_sharded(job: TrainJob, cfg: StageConfig, device: torch.device):
-    """FSDP2 without ever holding the full model on the device: every rank builds the model on the meta
-    device, shards it, allocates only its shards (`to_empty`), and rank 0 -- the only one that reads the
-    weights -- broadcasts them shard by shard (torchtitan/torchtune's meta-device init). Non-persistent
-    buffers (RoPE inv_freq) are not in the state dict: rank 0 broadcasts them too."""
+    """FSDP2 without ever holding the full model: every rank builds the model on the meta device, shards it,
+    allocates only its shards (`to_empty`) and reads only its shards' rows from the checkpoint (safetensors
+    slices; torchtitan's meta-device init), counted in `model.elements_read`. Non-persistent buffers (RoPE
+    inv_freq) are recomputed on every rank. A preset has no checkpoint: rank 0 initialises it and broadcasts it
+    shard by shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     rank, _ = _dist()
-    full, tok = load_full_model(job) if rank == 0 else (None, None)
-    box = [full.config.to_dict() if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    found = checkpoint_source(job)
+    full = None
+    if found is not None:
+        source, config, tok = found
+    else:
+        full, tok = load_full_model(job) if rank == 0 else (None, None)
+        box = [full.config.to_dict() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        config = InternVLConfig.from_dict(box[0])
     with torch.device("meta"):
-        model = InternVLForConditionalGeneration(InternVLConfig.from_dict(box[0])).float()
+        model = InternVLForConditionalGeneration(config).float()
     prepare_model(model, cfg, device)
     step_module = PackedLoss(model, cfg.ce_chunk)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -158,18 +194,16 @@ def setup_sharded(job: TrainJob, cfg: StageConfig, device: torch.device):
     fully_shard(step_module, **kw)
     step_module.to_empty(device=device)
     model.tie_weights()  # to_empty re-creates parameters: tie the LM head to the embeddings again
-    set_model_state_dict(
-        model,
-        full.state_dict() if rank == 0 else {},
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-    )
-    src = dict(full.named_buffers()) if rank == 0 else {}
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if rank == 0:
-                buf.copy_(src[name])
-            dist.broadcast(buf, src=0)
-    del full, src
+    fill_computed_buffers(model, device)
+    if found is not None:
+        model.elements_read = load_sharded(model, source)
+    else:
+        set_model_state_dict(
+            model,
+            full.state_dict() if rank == 0 else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+    del full
     model.train()
     return model, step_module, tok
 
