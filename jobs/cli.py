@@ -1,4 +1,4 @@
-"""The `ivl` command line: one sub-command per job (DESIGN.md, "Command line").
+"""The `ivl` command line: one sub-command per job (README.md, "Jobs"; the contract in ARCHITECTURE.md).
 
 Jobs parse flags, start Ray and call library code; the logic lives in pipeline/, operators/, train/.
 Exit status: 0 done; 2 with one clear line on bad configuration or unreadable input.

@@ -66,18 +66,18 @@ def stray_placeholders(turns: Sequence[dict]) -> int:
 
 def place_images(turns: Sequence[dict], n_images: int) -> tuple[list[dict], ConversationProblem | None]:
     """Apply the single-image prepend and check the count: (turns, None) with exactly `n_images`
-    placeholders, all in human turns, or (the turns unchanged, IMAGE_COUNT_MISMATCH).
+    placeholders, all in human turns, or (turns, IMAGE_COUNT_MISMATCH).
 
-    The input is not modified; a prepended turn is a copy. Turns need `from` and `value`."""
-    out = [dict(t) for t in turns]
+    The input is never modified: a prepend returns a new list whose first human turn is a copy."""
+    out = list(turns)
     if stray_placeholders(out):
         return out, ConversationProblem.IMAGE_COUNT_MISMATCH
     found = count_placeholders(out)
     if n_images == 1 and found == 0:
-        first = next((t for t in out if t.get("from") == "human"), None)
-        if first is None:
+        k = next((k for k, t in enumerate(out) if t.get("from") == "human"), None)
+        if k is None:
             return out, ConversationProblem.IMAGE_COUNT_MISMATCH
-        first["value"] = f"{IMAGE_PLACEHOLDER}\n{first.get('value') or ''}"
+        out[k] = {**out[k], "value": f"{IMAGE_PLACEHOLDER}\n{out[k].get('value') or ''}"}
         found = 1
     return out, (None if found == n_images else ConversationProblem.IMAGE_COUNT_MISMATCH)
 

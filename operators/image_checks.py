@@ -4,7 +4,7 @@
 image_checks: every image decodes (decompression bombs and truncated files are rejected, never
 decoded in full), minimum side, maximum aspect ratio, near-blank images (pixel standard deviation of
 a small greyscale copy), exact duplicate images within one sample.
-structure: `<image>` placeholders == images (InternVL's format rule, REFERENCE.md), roles alternate
+structure: `<image>` placeholders == images (InternVL's rule, operators/conversation.py), roles alternate
 human/gpt after an optional leading system turn, assistant turns non-empty, over-long samples by a
 character budget and, when a tokenizer file is given, a token budget.
 """
@@ -12,37 +12,25 @@ character budget and, when a tokenizer file is given, a token budget.
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, register
+from operators.conversation import IMAGE_PLACEHOLDER, place_images
+from operators.images import MAX_PIXELS, ImageError, decode_draft
 
 
 def inspect_image(data: bytes, max_pixels: int, thumb: int = 64) -> tuple[int, int, float]:
-    """(width, height, pixel std of a greyscale thumbnail). Raises ValueError for images that do not
-    decode, are truncated, or have more than `max_pixels` pixels (checked before decoding)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL warns, we refuse
-        try:
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ValueError(f"{w}x{h} is over {max_pixels} pixels")
-            img.draft("L", (thumb, thumb))  # JPEG: decode at 1/2..1/8 scale, still reads the whole stream
-            img.load()
-            img = img.convert("L")
-            img.thumbnail((thumb, thumb))
-            return w, h, float(np.asarray(img, dtype=np.float32).std())
-        except ValueError:
-            raise
-        except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(str(e) or type(e).__name__) from e
+    """(width, height, pixel std of a greyscale thumbnail); raises operators.images.ImageError for bytes
+    that do not decode, are truncated, or have more than `max_pixels` pixels (checked before decoding)."""
+    (w, h), img = decode_draft(data, "L", thumb, max_pixels)  # JPEG decodes at 1/2..1/8 scale
+    with img:
+        grey = img.convert("L")
+        grey.thumbnail((thumb, thumb))
+    return w, h, float(np.asarray(grey, dtype=np.float32).std())
 
 
 @register
@@ -56,7 +44,7 @@ class ImageChecks(Operator):
 
         model_config = ConfigDict(extra="forbid")
         max_pixels: int = Field(
-            89_478_485, description="images with more pixels are rejected unopened (PIL's bomb limit)"
+            MAX_PIXELS, description="images with more pixels are rejected unopened (PIL's bomb limit)"
         )
         min_side: int | None = Field(16, description="shorter side below this many pixels fires")
         max_aspect_ratio: float | None = Field(
@@ -79,7 +67,7 @@ class ImageChecks(Operator):
         for data in images:
             try:
                 w, h, std = inspect_image(data, p.max_pixels)
-            except ValueError:
+            except ImageError:
                 return "undecodable_image", REJECT, 0.0
             min_std = min(min_std, std)
             if soft:
@@ -118,7 +106,9 @@ class Structure(Operator):
         """Structure rules and the length budget."""
 
         model_config = ConfigDict(extra="forbid")
-        placeholder: str = Field("<image>", description="the image placeholder that must appear once per image")
+        placeholder: Literal["<image>"] = Field(
+            IMAGE_PLACEHOLDER, description="InternVL's image placeholder (fixed: operators/conversation.py's rule)"
+        )
         max_chars: int | None = Field(
             60_000, description="samples with more text characters than this are over-long"
         )
@@ -150,8 +140,7 @@ class Structure(Operator):
             return "bad_roles"  # must be human, gpt, human, gpt, ... after an optional system turn
         if any(r == "gpt" and not (t["value"] or "").strip() for r, t in zip(roles, turns)):
             return "empty_answer"
-        text = [t["value"] or "" for t in turns]
-        if sum(s.count(self.params.placeholder) for s in text) != n_images:
+        if place_images(turns, n_images)[1]:  # human turns only, one image without `<image>` goes first
             return "placeholder_mismatch"
         return ""
 

@@ -38,9 +38,10 @@ from pipeline.io import (
     write_parquet_atomic,
 )
 from pipeline.jobs import AccountingError, count_rows, unit_keys
+from pipeline.readers import REPEAT_COPY
+from pipeline.schema import TURN
 
 FORMATS = ("internvl", "llava", "parquet")
-REPEAT_COPY = re.compile(r"#r\d+$")  # ids of repeat_time copies (pipeline/readers.py)
 # HF datasets' schema note, so `datasets.load_dataset("parquet", ...)` decodes `images` as Image features
 HF_FEATURES = {"info": {"features": {
     "id": {"dtype": "string", "_type": "Value"}, "source": {"dtype": "string", "_type": "Value"},
@@ -48,7 +49,7 @@ HF_FEATURES = {"info": {"features": {
     "conversations": [{"from": {"dtype": "string", "_type": "Value"}, "value": {"dtype": "string", "_type": "Value"}}],
     "images": {"feature": {"_type": "Image"}, "_type": "Sequence"}, "meta": {"dtype": "string", "_type": "Value"}}}}
 HF_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("category", pa.string()),
-                       ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+                       ("conversations", pa.list_(TURN)),
                        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
                        ("meta", pa.string())], metadata={"huggingface": json.dumps(HF_FEATURES)})
 

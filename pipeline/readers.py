@@ -20,19 +20,18 @@ that would share a name get the name of what the user named in front (`meta_a/ca
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import os
 import re
 import tarfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
+from operators.conversation import check_conversation
+from operators.images import ImageError, decode_image
 from pipeline.io import (
     IMAGE_EXTS,
     basename,
@@ -50,14 +49,15 @@ from pipeline.io import (
 )
 from pipeline.jsonarray import BOM, NotAnArray, element_spans, open_binary, read_span
 from pipeline.records import DEFAULT_INSTRUCTION, RecordProblem, layout_of, load_images, split_record
-from pipeline.schema import CANONICAL, ROLES
+from pipeline.schema import CANONICAL
 
 REJECTED = pa.schema(list(CANONICAL) + [pa.field("reject_reason", pa.string())])
 MAX_RAW_CHARS = 1 << 20  # raw text kept for an unparsable line (1 MiB); longer lines are cut and say so
 PEEK_LINES = 50  # JSONL lines looked at to tell the layout
 # keys of an InternVL line that has lost its conversations: its rows are rejected one by one, not the file
-INTERNVL_KEYS = {"id", "image", "images", "video", "width", "height", "category", "source"}
+INTERNVL_KEYS = frozenset({"id", "image", "images", "video", "width", "height", "category", "source"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+REPEAT_COPY = re.compile(r"#r\d+$")  # the id suffix of a `repeat_time` copy: `<source>/<line>#r<k>`
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", *TAR_SUFFIXES)
 # --input-format -> record layout (pipeline/records.py); the container comes from the file
 INPUT_FORMATS = {
@@ -526,6 +526,11 @@ def read_task(task: dict) -> tuple[list[dict], list[dict]]:
     return kept, rejected
 
 
+def repeat_suffix(copy: int) -> str:
+    """The id suffix of the `copy`-th `repeat_time` copy of a line ("" for the line itself)."""
+    return f"#r{copy}" if copy else ""
+
+
 def _raw_row(e: Entry, rid: str, raw: str, **meta) -> dict:
     note = {"raw": raw[:MAX_RAW_CHARS], **meta}
     if len(raw) > MAX_RAW_CHARS:
@@ -549,7 +554,7 @@ def _parse_line(e: Entry, rid: str, raw: bytes) -> tuple[dict, str, str | None]:
 
 
 def _read_jsonl(e: Entry, task: dict):
-    suffix = f"#r{task['copy']}" if task["copy"] else ""
+    suffix = repeat_suffix(task["copy"])
     with open_binary(e.path) as f:
         f.seek(task["offset"])
         line_no = task["start"]
@@ -566,7 +571,7 @@ def _read_jsonl(e: Entry, task: dict):
 
 
 def _read_json_array(e: Entry, task: dict):
-    suffix = f"#r{task['copy']}" if task["copy"] else ""
+    suffix = repeat_suffix(task["copy"])
     with open_binary(e.path) as f:
         for i, span in enumerate(task["spans"]):
             rid = f"{e.id_prefix}/{task['start'] + i}{suffix}"
@@ -584,14 +589,16 @@ def _sample(e: Entry, rid: str, rec: dict, raw: str, images: list[bytes] | None 
     except RecordProblem as p:
         return _raw_row(e, rid, raw, **p.detail), p.reason
     sizes = []
-    for b in images:
-        size = decode_size(b)
-        if size is None:
-            return _raw_row(e, rid, raw, image_paths=paths), "undecodable_image"
-        sizes.append(size)
-    conv, reason = check_conversations(turns, len(images))
-    if reason:
-        return _raw_row(e, rid, raw, image_paths=paths), reason
+    for k, b in enumerate(images):
+        try:  # a full decode: truncated files and decompression bombs never become samples
+            with decode_image(b) as im:
+                sizes.append(im.size)
+        except ImageError as err:
+            return _raw_row(e, rid, raw, image_paths=paths, image_index=k, image_problem=err.problem.value), \
+                "undecodable_image"
+    conv, problem = check_conversation(turns, len(images))
+    if problem:
+        return _raw_row(e, rid, raw, image_paths=paths), problem.value
     if "id" in meta:
         meta["orig_id"] = meta.pop("id")
     meta.update(e.extra)
@@ -609,46 +616,6 @@ def _sample(e: Entry, rid: str, rec: dict, raw: str, images: list[bytes] | None 
     row = {"id": rid, "source": e.source, "category": category, "conversations": conv, "images": images,
            "meta": json.dumps(meta, ensure_ascii=False, default=str)}
     return row, None
-
-
-def decode_size(data: bytes) -> tuple[int, int] | None:
-    """Fully decode an image (catches truncated files and decompression bombs); its (w, h) or None."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return im.size
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb errors)
-        return None
-
-
-def check_conversations(conv, n_images: int) -> tuple[list[dict], str | None]:
-    """Validate InternVL turns; returns (normalised turns, reject reason or None).
-
-    A single-image sample without `<image>` gets `<image>\\n` prepended to its first human turn,
-    as InternVL's loader does."""
-    if not isinstance(conv, list) or not conv:
-        return [], "empty_conversation"
-    turns = []
-    for t in conv:
-        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
-            return [], "malformed_conversation"
-        if t["from"] not in ROLES:
-            return [], "unknown_role"
-        turns.append({"from": t["from"], "value": t["value"]})
-    if not any(t["from"] == "gpt" for t in turns):
-        return [], "no_gpt_turn"
-    placeholders = sum(t["value"].count("<image>") for t in turns)
-    if n_images == 1 and placeholders == 0:
-        first = next((t for t in turns if t["from"] == "human"), None)
-        if first is None:
-            return [], "image_count_mismatch"
-        first["value"] = "<image>\n" + first["value"]
-        placeholders = 1
-    if placeholders != n_images:
-        return [], "image_count_mismatch"
-    return turns, None
 
 
 def _member_images(files: dict[str, bytes]) -> list[bytes]:

@@ -20,10 +20,10 @@ import binascii
 import os
 import re
 
+from operators.conversation import IMAGE_PLACEHOLDER, MESSAGE_ROLES, count_placeholders
 from pipeline.io import is_uri, join, read_bytes
 
 LAYOUTS = ("conversations", "messages", "cauldron", "caption", "canonical")
-MESSAGE_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 REMOTE = re.compile(r"^(s3|gs|gcs|https?|hf|az|abfss?|hdfs)://", re.I)
 DEFAULT_INSTRUCTION = "Describe the image briefly."
@@ -78,7 +78,7 @@ def split_record(rec: dict, layout: str, instruction: str = DEFAULT_INSTRUCTION)
         caption = rec.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise RecordProblem("empty_caption")
-        turns = [{"from": "human", "value": "<image>\n" + instruction}, {"from": "gpt", "value": caption.strip()}]
+        turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{instruction}"}, {"from": "gpt", "value": caption.strip()}]
         refs = _as_list(rec.get("images"))
         drop = ("caption", "images")
     else:
@@ -127,7 +127,7 @@ def messages_to_turns(messages, images: list) -> tuple[list, list]:
                     raise RecordProblem("image_count_mismatch")
                 ref = pool.pop(0)
             refs.append(ref)
-            pieces.append("<image>")
+            pieces.append(IMAGE_PLACEHOLDER)
         turns.append({"from": role, "value": "\n".join(pieces)})
     return turns, refs + pool  # left-over images make the count check fail, never vanish
 
@@ -141,9 +141,8 @@ def cauldron_to_turns(texts, images: list) -> tuple[list, list]:
         if not isinstance(t, dict) or not isinstance(t.get("user"), str) or not isinstance(t.get("assistant"), str):
             raise RecordProblem("malformed_conversation")
         turns += [{"from": "human", "value": t["user"]}, {"from": "gpt", "value": t["assistant"]}]
-    placeholders = sum(t["value"].count("<image>") for t in turns)
-    if images and placeholders == 0:
-        turns[0]["value"] = "<image>\n" * len(images) + turns[0]["value"]
+    if images and count_placeholders(turns) == 0:
+        turns[0]["value"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + turns[0]["value"]
     return turns, images
 
 

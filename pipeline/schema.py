@@ -1,4 +1,5 @@
-"""The canonical sample schema (DESIGN.md, "The canonical sample") and its validator."""
+"""The canonical sample schema (ARCHITECTURE.md, "Data contracts") and its validator; turn roles and the
+`<image>` rule are operators/conversation.py's."""
 
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ CANONICAL = pa.schema(
         ("meta", pa.string()),
     ]
 )
-CONTENT_COLUMNS = tuple(CANONICAL.names)
-ROLES = ("system", "human", "gpt")
 
 
 def empty_table(schema: pa.Schema = CANONICAL) -> pa.Table:

@@ -90,7 +90,7 @@ def test_structure_rules_hit_and_miss():
     h, g, s = "human", "gpt", "system"
     rows = [
         row([img]),                                                      # fine
-        row([img], text="What is shown?"),                               # no placeholder
+        row([img], text="What is shown?"),                               # one image, no placeholder: prepended
         row([img, noise(32, 32, 3)], text="<image>\nCompare."),          # 1 placeholder, 2 images
         row([], turns=[{"from": g, "value": "Hi"}, {"from": h, "value": "Hello"}]),  # starts with gpt
         row([], turns=[{"from": h, "value": "a"}, {"from": h, "value": "b"}]),       # no alternation
@@ -100,9 +100,13 @@ def test_structure_rules_hit_and_miss():
         row([], turns=[{"from": h, "value": "你好"}, {"from": g, "value": "你好！" * 50}]),
     ]
     v = structure(rows)
-    assert v.rule == ["", "placeholder_mismatch", "placeholder_mismatch", "bad_roles", "bad_roles", "",
+    # row 1 is kept: InternVL prepends `<image>` to a single-image sample (internvl_chat_finetune.py,
+    # multi_modal_get_item), and so do ingest and the tokenizer (operators/conversation.py)
+    assert v.rule == ["", "", "placeholder_mismatch", "bad_roles", "bad_roles", "",
                       "empty_answer", "no_turns", ""]
-    assert (v.decision[[1, 2, 3, 4, 6, 7]] == REJECT).all()
+    assert (v.decision[[2, 3, 4, 6, 7]] == REJECT).all()
+    answer_tag = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "An <image> tag."}]
+    assert structure([row([img], turns=answer_tag)]).rule == ["placeholder_mismatch"]  # gpt turns never hold images
 
 
 def test_over_long_by_chars_and_by_tokens(tmp_path):
@@ -128,7 +132,8 @@ def test_over_long_by_chars_and_by_tokens(tmp_path):
 def test_placeholder_count_must_equal_image_count(n_placeholders, n_images):
     imgs = [noise(16, 16, k) for k in range(n_images)]
     v = structure([row(imgs, text="<image>" * n_placeholders + " Describe.")])
-    assert (v.rule[0] == "placeholder_mismatch") == (n_placeholders != n_images)
+    prepended = n_images == 1 and n_placeholders == 0  # InternVL's single-image rule
+    assert (v.rule[0] == "placeholder_mismatch") == (n_placeholders != n_images and not prepended)
 
 
 # ---------------------------------------------------------------- operators/images.py: one probing policy

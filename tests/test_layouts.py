@@ -278,6 +278,15 @@ def put(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def assert_remote_read(path, present: str, missing: str, image: bytes) -> None:
+    """A line whose remote image exists is kept with its bytes; one whose image is gone names the URI."""
+    write_jsonl(path, [{"image": present, "conversations": conv()}, {"image": missing, "conversations": conv()}])
+    kept, rejected = read_all([str(path)], remote_images=True)
+    assert [r["images"] for r in kept] == [[image]]
+    assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
+    assert json.loads(rejected[0]["meta"])["uri"] == missing
+
+
 def test_remote_images_rejected_unless_configured(tmp_path, imgs, s3_bucket):
     write_jsonl(tmp_path / "r.jsonl", [{"image": f"{s3_bucket}/x/a.png", "conversations": conv()},
                                        {"image": "https://example.org/b.png", "conversations": conv()}])
@@ -285,12 +294,7 @@ def test_remote_images_rejected_unless_configured(tmp_path, imgs, s3_bucket):
     assert [r["reject_reason"] for r in rejected] == ["ingest:remote_image"] * 2
     assert [json.loads(r["meta"])["uri"] for r in rejected] == [f"{s3_bucket}/x/a.png", "https://example.org/b.png"]
     put(f"{s3_bucket}/x/a.png", imgs[0])
-    write_jsonl(tmp_path / "s3.jsonl", [{"image": f"{s3_bucket}/x/a.png", "conversations": conv()},
-                                        {"image": f"{s3_bucket}/x/missing.png", "conversations": conv()}])
-    kept, rejected = read_all([str(tmp_path / "s3.jsonl")], remote_images=True)
-    assert [r["images"] for r in kept] == [[imgs[0]]]
-    assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
-    assert json.loads(rejected[0]["meta"])["uri"] == f"{s3_bucket}/x/missing.png"
+    assert_remote_read(tmp_path / "s3.jsonl", f"{s3_bucket}/x/a.png", f"{s3_bucket}/x/missing.png", imgs[0])
 
 
 def test_sources_on_s3(imgs, s3_bucket):
@@ -328,12 +332,7 @@ def test_https_images_through_fsspec(tmp_path, imgs):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        write_jsonl(tmp_path / "h.jsonl", [{"image": f"{base}/a.png", "conversations": conv()},
-                                           {"image": f"{base}/gone.png", "conversations": conv()}])
-        kept, rejected = read_all([str(tmp_path / "h.jsonl")], remote_images=True)
-        assert [r["images"] for r in kept] == [[imgs[2]]]
-        assert [r["reject_reason"] for r in rejected] == ["ingest:missing_image"]
-        assert json.loads(rejected[0]["meta"])["uri"] == f"{base}/gone.png"
+        assert_remote_read(tmp_path / "h.jsonl", f"{base}/a.png", f"{base}/gone.png", imgs[2])
     finally:
         server.shutdown()
 
