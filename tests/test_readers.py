@@ -124,6 +124,7 @@ def test_every_bad_input_kind_is_rejected_with_reason(dataset):
         "ingest:image_count_mismatch", "ingest:empty_conversation", "ingest:no_gpt_turn", "ingest:unknown_role",
         "ingest:malformed_conversation", "ingest:empty_conversation"]
     assert json.loads(rejected[0]["meta"])["raw"].startswith('{"id": 1')  # nothing disappears
+    assert json.loads(rejected[3]["meta"])["image_problem"] == "broken_data"  # header reads, pixels cut
     assert len({r["id"] for r in rejected}) == len(rejected)
 
 
@@ -135,6 +136,7 @@ def test_decompression_bomb_is_rejected(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"image": "bomb.png", "conversations": conv()}])
     _, rejected = read_all([str(tmp_path / "a.jsonl")])
     assert [r["reject_reason"] for r in rejected] == ["ingest:undecodable_image"]
+    assert json.loads(rejected[0]["meta"])["image_problem"] == "too_many_pixels"  # operators/images.py's reason
 
 
 def test_webdataset_tar_single_and_multi_image(tmp_path, sample_images):
