@@ -1,5 +1,6 @@
 """The cheap n-gram repetition screen InternVL runs on assistant turns before its LLM repetition detector
-(REFERENCE.md "Data filtering": repetition detection; ratio of repeated 10-word n-grams > 0.4).
+(InternVL 2.5 report, arXiv 2412.05271, §4.3 data filtering: repetitive samples; ratio of repeated 10-word
+n-grams > 0.4).
 
 Repetition ratio = share of all word n-grams whose n-gram occurs more than once in the text (the
 Data-Juicer `word_repetition_filter` definition). Words are runs of letters/digits, lower-cased; in
@@ -18,13 +19,13 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
-from operators.text_rules import _MIX, _WORDLIKE_RE, TextRuleParams, is_code
+from operators.words import CODE_LINE_FRAC, NGRAM_HASH_MIX, WORDLIKE_RE, is_code
 
 
 def repetition_ratio_reference(text: str, n: int = 10) -> float:
     """The definition, plainly: fraction of the word n-grams of `text` that belong to an n-gram seen more
     than once (0 if < n words)."""
-    words = _WORDLIKE_RE.findall(text.lower())
+    words = WORDLIKE_RE.findall(text.lower())
     if len(words) < n:
         return 0.0
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
@@ -38,9 +39,9 @@ _ASCII_NON_WORD = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.
 
 
 def _words(text: str) -> list[str]:
-    """_WORDLIKE_RE.findall(text.lower()); for ASCII, a translate + split does the same 3x faster."""
+    """WORDLIKE_RE.findall(text.lower()); for ASCII, a translate + split does the same 3x faster."""
     low = text.lower()
-    return low.translate(_ASCII_NON_WORD).split() if low.isascii() else _WORDLIKE_RE.findall(low)
+    return low.translate(_ASCII_NON_WORD).split() if low.isascii() else WORDLIKE_RE.findall(low)
 
 
 def repetition_ratio(text: str, n: int = 10) -> float:
@@ -51,9 +52,9 @@ def repetition_ratio(text: str, n: int = 10) -> float:
     if m <= 0:
         return 0.0
     ids = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
-    h = ids[:m] * _MIX
+    h = ids[:m] * NGRAM_HASH_MIX
     for k in range(1, n):  # rolling: g_k = (g_{k-1} + id[i+k]) * MIX, wrapping modulo 2**64
-        h = (h + ids[k : k + m]) * _MIX
+        h = (h + ids[k : k + m]) * NGRAM_HASH_MIX
     h.sort()
     dup = np.zeros(m, bool)
     same = h[1:] == h[:-1]
@@ -62,9 +63,6 @@ def repetition_ratio(text: str, n: int = 10) -> float:
     dup[1:] |= same
     dup[:-1] |= same
     return int(np.count_nonzero(dup)) / m
-
-
-_CODE_PARAMS = TextRuleParams()  # is_code with text_rules' default code_line_frac
 
 
 @register
@@ -81,7 +79,7 @@ class NgramRepetition(Operator):
         n: int = Field(10, ge=2, description="n-gram length in words (CJK: characters); InternVL uses 10")
         max_ratio: float = Field(0.4, description="flag when the repeated n-gram ratio exceeds this (InternVL: 0.4)")
         code_max_ratio: float | None = Field(
-            None, description="the threshold for code (text_rules.is_code): listings repeat boilerplate; None = max_ratio"
+            None, description="the threshold for code (operators.words.is_code): listings repeat boilerplate; None = max_ratio"
         )
         action: Literal["review", "reject"] = Field(
             "review", description="review (paper §4.3: repetitive samples go to manual review) or reject"
@@ -99,7 +97,7 @@ class NgramRepetition(Operator):
         over = ratios > p.max_ratio
         if p.code_max_ratio is not None:  # only the texts over max_ratio need the code check
             for i in np.flatnonzero(over):
-                over[i] = ratios[i] > (p.code_max_ratio if is_code(texts[i], _CODE_PARAMS) else p.max_ratio)
+                over[i] = ratios[i] > (p.code_max_ratio if is_code(texts[i], CODE_LINE_FRAC) else p.max_ratio)
         for i in np.flatnonzero(over):
             verdict.flag(int(i), "repeated_ngrams", decision)
         return verdict
