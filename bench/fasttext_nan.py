@@ -28,13 +28,13 @@ def main():
     import fasttext
     from llm_samples import real_texts
 
-    from operators.fasttext_ops import _one_line, train_quality_classifier
+    from operators.fasttext_ops import one_line, train_quality_classifier
 
     texts = real_texts()  # standard-library docstrings, plus the bundled fortunes and Tang poems' answers
     for name in ("fortunes_text", "tang_poems"):
         with open(os.path.join(ROOT, "data", "sample", f"{name}.jsonl")) as f:
             texts += [t["value"] for line in f for t in json.loads(line)["conversations"] if t["from"] == "gpt"]
-    texts = [t for t in _one_line(texts, 20_000) if t.strip()]
+    texts = [t for t in one_line(texts, 20_000) if t.strip()]
     junk = [np.full(400, np.nan, dtype=np.float32) for _ in range(20_000)]
     del junk
     tmp = tempfile.mkdtemp(prefix="bench-ft-")

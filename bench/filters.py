@@ -97,10 +97,59 @@ class _ReferenceTextRules:
         return v
 
 
+class _ReferenceLanguageId:
+    """language_id with fastText's own predict (operators.fasttext_ops.predict_language): what the
+    operator's numpy recomputation (operators.fasttext_lid.HsTop1) must give bit for bit."""
+
+    name = "language_id"
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def setup(self) -> None:
+        self.fast.setup()
+
+    def __call__(self, table):
+        from operators.fasttext_ops import predict_language
+
+        fast = self.fast
+        saved, fast.predict = fast.predict, lambda texts: predict_language(fast._model, texts, fast.max_chars)
+        try:
+            return fast(table)
+        finally:
+            fast.predict = saved
+
+
+class _ReferenceNgram:
+    """ngram_repetition with the plain definition (repetition_ratio_reference) for every ratio."""
+
+    name = "ngram_repetition"
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, table):
+        import operators.ngram_repetition as ng
+
+        saved, ng.repetition_ratio = ng.repetition_ratio, ng.repetition_ratio_reference
+        try:
+            return self.fast(table)
+        finally:
+            ng.repetition_ratio = saved
+
+
+_REFERENCES = {"text_rules": _ReferenceTextRules, "language_id": _ReferenceLanguageId,
+               "ngram_repetition": _ReferenceNgram}
+
+
 def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference: bool = False):
     """The config's operators over the corpus as one-turn text samples, in one process (no Ray), each
     stage on the rows no earlier stage rejected, added columns (lang) passed on as the runner does.
-    Returns (total CPU s, CPU s per operator, outcome counts, per-row decisions)."""
+    reference=True: text_rules, language_id and ngram_repetition by their plain definitions.
+    Returns (total CPU s, CPU s per operator, outcome counts, per-row decisions, per-row added columns)."""
     import pyarrow as pa
     import yaml
 
@@ -113,7 +162,7 @@ def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference:
         stages = yaml.safe_load(f)["stages"]
     ops = [build_operator(dict(s)) for s in stages]
     if reference:
-        ops = [_ReferenceTextRules(op) if op.name == "text_rules" else op for op in ops]
+        ops = [_REFERENCES[op.name](op) if op.name in _REFERENCES else op for op in ops]
     for op in ops:
         op.setup()
     rows = [
@@ -125,8 +174,9 @@ def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference:
     counts: collections.Counter = collections.Counter()
     per_op: collections.Counter = collections.Counter()
     decisions: list[str] = []
+    added: dict[str, list] = collections.defaultdict(lambda: [None] * len(texts))
     t0 = time.process_time()
-    for table in tables:
+    for b, table in enumerate(tables):
         alive, out = table, [""] * table.num_rows
         index = list(range(table.num_rows))
         for op in ops:
@@ -136,6 +186,9 @@ def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference:
                 if col in ("lang",):  # what a later stage reads
                     alive = alive.append_column(col, pa.array(list(values)))
             per_op[op.name] += time.process_time() - t1
+            for col in ("lang", "score_lang", "score_ngram_repetition"):
+                for j, x in zip(index, v.columns.get(col, [])):
+                    added[col][b * batch + j] = x
             for j, (d, r) in enumerate(zip(v.decision, v.rule)):
                 if d:
                     counts[f"{op.name}:{r}" + (" (review)" if d == REVIEW else "")] += 1
@@ -145,7 +198,7 @@ def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference:
             alive = alive.filter(pa.array(keep))
         counts["no hit"] += sum(1 for o in out if not o)
         decisions += out
-    return time.process_time() - t0, per_op, counts, decisions
+    return time.process_time() - t0, per_op, counts, decisions, added
 
 
 def main() -> None:
@@ -186,15 +239,18 @@ def main() -> None:
         diff = collections.Counter((a[1], b[1]) for a, b in zip(ours, theirs) if a[0] != b[0])
         print("disagreements (ivl reason, datatrove reason):", diff.most_common(8))
     if not args.skip_curate:
-        t_ref, per_ref, _, dec_ref = time_curate_ops(texts, args.config, reference=True)
-        t_cur, per_op, counts, dec = time_curate_ops(texts, args.config)
-        print(f"default curate config operators, one process: {n / t_cur:,.0f} docs/CPU-s ({t_cur:.1f} s); "
-              f"with the plain-definition text_rules: {n / t_ref:,.0f} docs/CPU-s ({t_ref:.1f} s): "
-              f"{t_ref / t_cur:.2f}x")
+        t_ref, per_ref, _, dec_ref, add_ref = time_curate_ops(texts, args.config, reference=True)
+        t_cur, per_op, counts, dec, add = time_curate_ops(texts, args.config)
+        print(f"default curate config operators, one process: {n / t_cur:,.0f} docs/CPU-s ({t_cur:.1f} s, "
+              f"{1e6 * t_cur / n:.0f} us/doc); with the plain definitions (text_rules, fastText's own "
+              f"predict, plain n-gram counts): {n / t_ref:,.0f} docs/CPU-s ({t_ref:.1f} s): {t_ref / t_cur:.2f}x")
         print("CPU s per operator:", {k: round(v, 2) for k, v in per_op.items()},
-              "| plain text_rules:", round(per_ref["text_rules"], 2))
+              "| plain:", {k: round(per_ref[k], 2) for k in _REFERENCES if k in per_ref})
         same = sum(a == b for a, b in zip(dec, dec_ref))
         print(f"same decisions (first rule per row) optimised vs plain: {same} of {n}")
+        for col in ("lang", "score_lang", "score_ngram_repetition"):  # bit for bit (None: row rejected earlier)
+            eq = sum(a == b and (a is None or type(a) is type(b)) for a, b in zip(add[col], add_ref[col]))
+            print(f"same {col} optimised vs plain: {eq} of {n}")
         print("outcomes:", dict(counts.most_common(14)))
 
 

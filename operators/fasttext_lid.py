@@ -1,0 +1,296 @@
+"""fastText's top-1 prediction (`model.predict(lines, k=1)`) for hierarchical-softmax classifiers such as
+`lid.176.ftz`, recomputed with numpy: the same labels and the same float32 probabilities, bit for bit.
+
+Why: in fastText every token costs a subword pass (`Dictionary::computeSubwords`) and one hash-map lookup
+per character n-gram (`pushHash` through the pruned model's index: half of all predict time under perf).
+Here each distinct word's row ids are computed once and kept on the object, so a token costs a dict lookup.
+Every float operation follows fastText's C++ (src/dictionary.cc, src/loss.cc, src/quantmatrix.cc of
+facebookresearch/fastText v0.9.2) in the same order and precision; `expf` and `log` come from numpy in
+float64, and the rare value that lies too close to a float32 rounding boundary to be sure of is recomputed
+by the C library fastText itself calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import itertools
+import struct
+
+import numpy as np
+
+EOS = "</s>"
+_SEPARATORS = str.maketrans({c: " " for c in "\t\r\v\f\0"})  # fastText's readWord splits on these and ' '
+_CHUNK_IDS = 1 << 18  # row ids gathered at once (x 64 bytes of float32 rows)
+
+
+def _libm():
+    lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    lib.expf.restype, lib.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    lib.log.restype, lib.log.argtypes = ctypes.c_double, [ctypes.c_double]
+    return lib
+
+
+def _to_f32_exactly(y: np.ndarray, libm_fn, x: np.ndarray, margin: float) -> np.ndarray:
+    """float32(y), where y = fn(x) in float64; values within `margin` (relative) of a float32 rounding
+    midpoint are recomputed with the C library's own function (what fastText gets)."""
+    shape, y, x = y.shape, y.ravel(), x.ravel()
+    with np.errstate(over="ignore", invalid="ignore"):  # exp overflows to inf in C as here
+        r = y.astype(np.float32)
+        r64 = r.astype(np.float64)
+        other = np.nextafter(r, np.where(y > r64, np.inf, -np.inf).astype(np.float32)).astype(np.float64)
+        near = np.abs(y - (r64 + other) / 2) <= margin * np.abs(y)
+    for i in np.flatnonzero(near):
+        r[i] = libm_fn(float(x[i]))
+    return r.reshape(shape)
+
+
+def _read_pruneidx(path: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """(pruneidx_size, buckets, rows) from a saved model's dictionary (Dictionary::save); -1 = not pruned."""
+    with open(path, "rb") as f:
+        f.seek(8 + 12 * 4 + 8)  # magic + version, Args::save's 12 ints and one double
+        size, _nwords, _nlabels = struct.unpack("<3i", f.read(12))
+        _ntokens, prune_size = struct.unpack("<2q", f.read(16))
+        data = f.read()
+    pos = 0
+    for _ in range(size):  # entries: word bytes, '\0', int64 count, int8 type
+        pos = data.index(b"\0", pos) + 1 + 9
+    pairs = np.frombuffer(data, "<i4", count=2 * max(prune_size, 0), offset=pos).reshape(-1, 2)
+    return prune_size, pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+class HsTop1:
+    """`model.predict(lines, k=1)` of a supervised hierarchical-softmax fastText model, recomputed.
+
+    `supported(model)` says whether a model is one this reproduces (hs loss, no word n-grams, input
+    not norm-quantized, output not quantized); callers use fastText's own predict otherwise."""
+
+    def __init__(self, model, path: str, max_words: int = 300_000):
+        a = model.f.getArgs()
+        self.minn, self.maxn, self.bucket = a.minn, a.maxn, a.bucket
+        words = model.get_words()
+        self.nwords = len(words)
+        self.vocab = {w: i for i, w in enumerate(words)}
+        self.prune_size, buckets, prune_rows = _read_pruneidx(path)
+        if self.prune_size > 0:
+            self.prune = np.full(self.bucket, -1, np.int64)
+            self.prune[buckets] = prune_rows
+        nrows = self.nwords + (self.prune_size if self.prune_size >= 0 else self.bucket)
+        if model.is_quantized():
+            self.rows = np.stack([model.get_input_vector(i) for i in range(nrows)]).astype(np.float32)
+        else:
+            self.rows = np.asarray(model.get_input_matrix(), np.float32)
+        labels, counts = model.get_labels(include_freq=True)
+        self.labels = [lab.removeprefix("__label__") for lab in labels]
+        osz = len(labels)
+        self.osz = osz
+        self.out = np.asarray(model.f.getOutputMatrix(), np.float32)[: osz - 1]
+        self.left, self.right = _build_tree([int(c) for c in counts])
+        self.preorder = _preorder(self.left, self.right, 2 * osz - 2)
+        self.libm = _libm()
+        self.threshold = np.float32(np.log(1e-5))  # std_log(0.0): fastText's default threshold
+        self.max_words = max_words
+        self.slot = _Slots()  # word -> its row ids' place in the flat buffer (a per-object cache)
+        self.starts = np.zeros(0, np.int64)
+        self.lens = np.zeros(0, np.int64)
+        self.buf = np.zeros(0, np.int64)
+
+    @staticmethod
+    def supported(model) -> bool:
+        a = model.f.getArgs()
+        q = model.is_quantized()
+        return (a.model.name == "supervised" and a.loss.name == "hs" and a.wordNgrams == 1
+                and 2 <= a.minn <= a.maxn and not (q and (a.qnorm or a.qout)))
+
+    # ---------------------------------------------------------------- tokens -> row ids
+    @staticmethod
+    def line_words(line: str) -> list[str]:
+        """Dictionary::readWord's words of one line: split on ' ', '\\t', '\\r', '\\v', '\\f' and '\\0'."""
+        if line.isprintable():  # then ' ' is its only whitespace, for Python's split as for fastText's
+            return line.split()
+        return [t for t in line.translate(_SEPARATORS).split(" ") if t]
+
+    @staticmethod
+    def _get_line(words: list[str]) -> list[str]:
+        """Dictionary::getLine's tokens of `words` + '\\n': up to the first EOS, which ends them; labels dropped."""
+        if EOS in words:
+            words = words[: words.index(EOS)]
+        words = [*words, EOS]
+        return [t for t in words if not t.startswith("__label__")] if any("__label__" in t for t in words) else words
+
+    def _add_words(self, new: list[str]) -> None:
+        """Row ids of the words just given slots, as Dictionary::getSubwords computes them, to the buffer."""
+        ids, owner = self._subword_ids(new)
+        lens = np.bincount(owner, minlength=len(new)).astype(np.int64)
+        self.starts = np.concatenate([self.starts, len(self.buf) + np.cumsum(lens) - lens])
+        self.lens = np.concatenate([self.lens, lens])
+        self.buf = np.concatenate([self.buf, ids])
+
+    def _subword_ids(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The row ids of all `words` in order and the word each belongs to. Per word: its word id when in
+        the vocabulary, then the rows of its character n-grams (computeSubwords: n-grams of minn..maxn UTF-8
+        characters of '<word>' by start then length, FNV-1a over signed bytes, modulo bucket, pushHash)."""
+        enc = [("<" + w + ">").encode("utf-8") for w in words]
+        data = np.frombuffer(b"".join(enc), np.uint8)
+        wend = np.cumsum([len(e) for e in enc], dtype=np.int64)
+        cpos = np.flatnonzero((data & 0xC0) != 0x80)  # byte position of every character
+        cword = np.searchsorted(wend, cpos, side="right")
+        nchar = np.bincount(cword, minlength=len(words))
+        k = np.arange(len(cpos)) - (np.cumsum(nchar) - nchar)[cword]  # character index inside its word
+        left = nchar[cword] - k  # characters from this one to the word's end
+        ns = np.arange(self.minn, self.maxn + 1)
+        # one row per character: [word id, n-gram of minn chars, ..., of maxn chars], valid where it exists
+        valid = left[:, None] >= ns[None, :]
+        nxt = np.append(cpos, len(data))  # words lie back to back: a word's end is the next one's start
+        end = nxt[np.minimum(np.arange(len(cpos))[:, None] + ns, len(cpos))]
+        is_eos = np.array([w == EOS for w in words], bool)
+        valid &= ~is_eos[cword][:, None]  # EOS has no subwords
+        start = np.broadcast_to(cpos[:, None], valid.shape)[valid]
+        length = (end[valid] - start).astype(np.uint8)  # at most 4 bytes per character
+        order = np.argsort(length, kind="stable")[::-1]  # longest first: byte t updates a prefix
+        st, ln = start[order], length[order]
+        longer = len(ln) - np.cumsum(np.bincount(ln))  # longer[t]: how many have more than t bytes
+        h = np.full(len(st), 2166136261, np.uint32)
+        signed = data.astype(np.int8).astype(np.uint32)  # uint32(int8(c)): bytes >= 0x80 sign-extend
+        for t, c in enumerate(longer):
+            h[:c] = (h[:c] ^ signed[st[:c] + t]) * np.uint32(16777619)
+        hashes = np.empty_like(h)
+        hashes[order] = h
+        gid = (hashes % np.uint32(self.bucket)).astype(np.int64)
+        if self.prune_size > 0:
+            gid = self.prune[gid]
+        elif self.prune_size == 0:
+            gid[:] = -1
+        wid = np.array([self.vocab.get(w, -1) for w in words], np.int64)
+        table = np.full((len(cpos), 1 + len(ns)), -1, np.int64)
+        table[:, 0] = np.where(k == 0, wid[cword], -1)
+        table[:, 1:][valid] = np.where(gid >= 0, gid + self.nwords, -1)
+        owner = np.broadcast_to(cword[:, None], table.shape)
+        keep = table >= 0
+        return table[keep], owner[keep]
+
+    # ---------------------------------------------------------------- hidden vectors, then the tree
+    def hidden(self, words: list[list[str]]) -> np.ndarray:
+        """Model::computeHidden per line (given as its words): the row average, in fastText's order (float32)."""
+        if len(self.slot) > self.max_words:
+            self.slot.clear()
+            self.starts, self.lens, self.buf = (np.zeros(0, np.int64) for _ in range(3))
+        toks = [self._get_line(ws) for ws in words]
+        self.slot.new = []
+        ks = np.fromiter(map(self.slot.__getitem__, itertools.chain.from_iterable(toks)), np.int64)
+        if self.slot.new:
+            self._add_words(self.slot.new)
+        ntok = np.array([len(t) for t in toks], np.int64)
+        tok_lens = self.lens[ks]
+        per_line = np.add.reduceat(tok_lens, np.cumsum(ntok) - ntok)  # every line has EOS at least
+        if not per_line.all():
+            raise ValueError("fastText returns no label for a line without any known row")
+        tok_end = np.cumsum(ntok)
+        row_end = np.cumsum(per_line)
+        out = np.empty((len(toks), self.rows.shape[1]), np.float32)
+        i = 0
+        while i < len(toks):  # lines i..j-1 together, about _CHUNK_IDS rows
+            j = max(i + 1, int(np.searchsorted(row_end, row_end[i] - per_line[i] + _CHUNK_IDS)))
+            t0, t1 = tok_end[i] - ntok[i], tok_end[j - 1]
+            lens, starts = tok_lens[t0:t1], self.starts[ks[t0:t1]]
+            offs = np.cumsum(lens) - lens
+            rows = self.rows[self.buf[np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))]]
+            ends = row_end[i:j] - (row_end[i] - per_line[i])
+            # add.reduce over axis 0 adds the rows one after another, as averageRowsToVector does
+            # (add.reduceat does not: it gives other float32 sums)
+            out[i:j] = np.stack([np.add.reduce(rows[b - c : b], axis=0) for b, c in zip(ends, per_line[i:j])])
+            i = j
+        return out * (1.0 / per_line).astype(np.float32)[:, None]
+
+    def _expf(self, x: np.ndarray) -> np.ndarray:
+        return _to_f32_exactly(np.exp(x.astype(np.float64)), self.libm.expf, x, 2.0**-30)
+
+    def _std_log(self, x: np.ndarray) -> np.ndarray:
+        """loss.cc std_log(real x) = log(x + 1e-5) in double, returned as float."""
+        y = x.astype(np.float64) + 1e-5
+        return _to_f32_exactly(np.log(y), self.libm.log, y, 2.0**-40)
+
+    def predict(self, lines: list[str]) -> tuple[list[str], np.ndarray]:
+        """Per line the top label (without __label__) and its float32 probability, as fastText gives."""
+        return self.predict_words([self.line_words(line) for line in lines])
+
+    def predict_words(self, words: list[list[str]]) -> tuple[list[str], np.ndarray]:
+        """predict() of lines given as their words (line_words)."""
+        n = len(words)
+        if n == 0:
+            return [], np.zeros(0, np.float32)
+        hid = self.hidden(words)
+        osz = self.osz
+        dot = np.zeros((n, osz - 1), np.float32)
+        for j in range(hid.shape[1]):  # DenseMatrix::dotRow: d += w[j] * h[j], in order, in float32
+            dot += hid[:, j : j + 1] * self.out[:, j]
+        f = (1.0 / (np.float32(1) + self._expf(-dot)).astype(np.float64)).astype(np.float32)
+        lterm = self._std_log((1.0 - f.astype(np.float64)).astype(np.float32))
+        rterm = self._std_log(f)
+        score = np.zeros((2 * osz - 1, n), np.float32)
+        for node in range(2 * osz - 2, osz - 1, -1):  # parents have higher indices than children
+            score[self.left[node]] = score[node] + lterm[:, node - osz]
+            score[self.right[node]] = score[node] + rterm[:, node - osz]
+        # HierarchicalSoftmaxLoss::dfs with k=1: preorder, a node is cut when below the threshold or the
+        # best leaf so far; a leaf that is reached replaces the best (ties: the later leaf)
+        visited = np.zeros((2 * osz - 1, n), bool)
+        best = np.full(n, -np.inf, np.float32)
+        have = np.zeros(n, bool)
+        label = np.full(n, -1, np.int64)
+        for node, parent in self.preorder:
+            s = score[node]
+            v = (visited[parent] if parent >= 0 else np.ones(n, bool)) & (s >= self.threshold)
+            v &= ~(have & (s < best))
+            visited[node] = v
+            if node < osz:
+                best[v], label[v] = s[v], node
+                have |= v
+        if not have.all():
+            raise ValueError("fastText returns no label for a line here (every leaf under the threshold)")
+        prob = self._expf(best)
+        return [self.labels[i] for i in label], prob
+
+
+class _Slots(dict):
+    """word -> slot number; an unseen word gets the next number and is listed in `new`."""
+
+    def __init__(self):
+        super().__init__()
+        self.new: list[str] = []
+
+    def __missing__(self, word: str) -> int:
+        self[word] = n = len(self)
+        self.new.append(word)
+        return n
+
+
+def _build_tree(counts: list[int]) -> tuple[list[int], list[int]]:
+    """HierarchicalSoftmaxLoss::buildTree: Huffman tree over the label counts (sorted, most frequent first)."""
+    osz = len(counts)
+    count = counts + [10**15] * (osz - 1)
+    left, right = [-1] * (2 * osz - 1), [-1] * (2 * osz - 1)
+    leaf, node = osz - 1, osz
+    for i in range(osz, 2 * osz - 1):
+        mini = []
+        for _ in range(2):
+            if leaf >= 0 and count[leaf] < count[node]:
+                mini.append(leaf)
+                leaf -= 1
+            else:
+                mini.append(node)
+                node += 1
+        left[i], right[i] = mini
+        count[i] = count[mini[0]] + count[mini[1]]
+    return left, right
+
+
+def _preorder(left: list[int], right: list[int], root: int) -> list[tuple[int, int]]:
+    """(node, parent) in dfs order: node, its left subtree, its right subtree."""
+    out, stack = [], [(root, -1)]
+    while stack:
+        node, parent = stack.pop()
+        out.append((node, parent))
+        if left[node] != -1:
+            stack.append((right[node], node))
+            stack.append((left[node], node))
+    return out
