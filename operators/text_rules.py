@@ -26,6 +26,14 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
+from operators.words import (
+    CJK_CHARS,
+    CODE_LINE_FRAC,
+    NGRAM_HASH_MIX,
+    WORDLIKE_RE,
+    is_code_lines,
+    nonempty_lines,
+)
 
 GOPHER_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])  # Rae et al. A.1.1
 # Frequent function words per fastText language code (ours; the paper gives only English's eight).
@@ -51,14 +59,13 @@ CJK_LANGS = frozenset(["zh", "ja", "yue", "wuu"])  # written without spaces: one
 _ALL_STOP = frozenset().union(*STOP_WORDS.values())
 _CJK_STOP = STOP_WORDS["zh"] | STOP_WORDS["ja"]
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # Han and kana (Hangul is spaced)
+_CJK = CJK_CHARS
 _CJK_RE = re.compile(f"[{_CJK}]")
 # a katakana run (loanwords: one word), a Han/hiragana character, or a spaced chunk between them
 _CJK_WORD_RE = re.compile(rf"[\u30a0-\u30ff]+|[{_CJK}]|[^\s{_CJK}]+")
 _LETTER_RE = re.compile(r"[^\W\d_]")  # "at least one alphabetic character" (A.1.1)
 _NO_LETTER_WORD_RE = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")  # a whitespace word without a letter
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n")
-_WORDLIKE_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")  # runs of letters/digits; a CJK char alone
 _BULLET_RE = re.compile(r"[ \t]*[•\-*‣◦⁃●▪–](?:\s|$)")  # a bullet line: a marker then a space ("-v" is an option)
 _ELLIPSES = ("...", "…")
 _HASHTAG_RE = re.compile(r"#(?=[^\W_])")  # a hashtag: '#' then a letter or digit ("# comment", "## Title" are not)
@@ -70,9 +77,7 @@ _FINEWEB_END = (".", "'", '"', "!", "?")
 # Box-drawing characters are table layout, not text: every rule sees them as spaces.
 _LAYOUT = str.maketrans({c: " " for c in range(0x2500, 0x2580)})
 _REPL_PROMPT = re.compile(r"^[ \t]*\.\.\.(?=\s|$)", re.M)  # Python's "... " continuation prompt: no ellipsis
-# a line laid out as code: indented, a REPL or shell prompt, a comment, or ending in code punctuation
-_CODE_LINE_RE = re.compile(r"^(?:    |\t|>>>|\.\.\.|\$ |#|//)|[{}();:,\[\]\\=]\s*$")
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier for the rolling n-gram hash
+_MIX, _WORDLIKE_RE = NGRAM_HASH_MIX, WORDLIKE_RE  # old names, until ngram_repetition imports operators.words
 
 
 class TextRuleParams(BaseModel):
@@ -138,7 +143,7 @@ class TextRuleParams(BaseModel):
         0, description="texts with fewer words that hold a letter skip the stop-word rule (Gopher: 0)"
     )
     code_line_frac: float | None = Field(
-        0.5, description="text with this share of code-laid-out lines is code: skips the dup-line and document rules"
+        CODE_LINE_FRAC, description="text with this share of code-laid-out lines is code: skips the dup-line and document rules"
     )
     line_rules_min_lines: int = Field(3, description="texts with fewer lines skip the bullet and ellipsis line rules")
     cjk_ngram_scale: int = Field(
@@ -214,11 +219,8 @@ def words_of(text: str, cjk: bool) -> list[str]:
 
 
 def is_code(text: str, p: TextRuleParams) -> bool:
-    """Code or a code listing: at least `code_line_frac` of 3+ non-empty lines are laid out as code."""
-    if p.code_line_frac is None or text.count("\n") < 2:
-        return False
-    lines = _lines(text)
-    return len(lines) >= 3 and sum(1 for ln in lines if _CODE_LINE_RE.search(ln)) >= p.code_line_frac * len(lines)
+    """Code or a code listing (operators.words.is_code with the params' `code_line_frac`)."""
+    return p.code_line_frac is not None and is_code_lines(_lines(text), p.code_line_frac)
 
 
 def word_count(words: list[str], cjk: bool, p: TextRuleParams) -> int:
@@ -234,9 +236,7 @@ def _stop_key(word: str) -> str:
     return word.strip("\"'“”‘’«»()[]{}.,;:!?¿¡").lower()
 
 
-def _lines(text: str) -> list[str]:
-    """Non-empty lines (a blank line is no line of content)."""
-    return [ln for ln in text.split("\n") if ln.strip()]
+_lines = nonempty_lines
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -250,7 +250,7 @@ def max_sentence_words(text: str, at_least: int = 0) -> int:
     longest = 0
     for s in _SENTENCE_SPLIT.split(text):
         if len(s) >= at_least and len(s) > longest:  # n words need at least n characters
-            longest = max(longest, len(_WORDLIKE_RE.findall(s)))
+            longest = max(longest, len(WORDLIKE_RE.findall(s)))
     return longest
 
 
@@ -263,11 +263,22 @@ def _has_char_run(text: str, k: int, char_re: re.Pattern) -> bool:
     return char_re.search(text) is not None
 
 
-def _has_long_sentence(text: str, k: int) -> bool:
-    """max_sentence_words(text) > k; only lines of more than k characters can hold such a sentence."""
-    if len(text) <= k:
+def _has_long_sentence(text: str, k: int, is_ascii: bool = False) -> bool:
+    """max_sentence_words(text) > k. More than k word-like tokens need k+1 characters, and 2k+1 where
+    no CJK character is (a separator between tokens), so shorter lines and sentences are skipped; an
+    ASCII line with at most k word-like tokens in all holds no such sentence."""
+    at_least = 2 * k + 1 if is_ascii or not _CJK_RE.search(text) else k + 1
+    if len(text) < at_least:
         return False
-    return any(max_sentence_words(line, k) > k for line in text.split("\n") if len(line) > k)
+    for line in text.split("\n"):
+        if len(line) < at_least or (is_ascii and len(line.translate(_ASCII_NON_WORD).split()) <= k):
+            continue
+        if max_sentence_words(line, at_least) > k:
+            return True
+    return False
+
+
+_ASCII_NON_WORD = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c == "_")})
 
 
 # ---------------------------------------------------------------- the plain definitions
@@ -420,19 +431,19 @@ def _dup_count_chars(parts: list[str]) -> tuple[int, int]:
     return len(parts) - len(uniq), sum(map(len, parts)) - sum(map(len, uniq))
 
 
-def _line_reason(text: str, p: TextRuleParams) -> tuple[str, float, float]:
-    """Duplicate paragraph and line rules: (reason, dup line fraction, dup line char fraction)."""
+def _line_reason(text: str, lines: list[str], p: TextRuleParams) -> tuple[str, float, float]:
+    """Duplicate paragraph and line rules on the text and its non-empty `lines`:
+    (reason, dup line fraction, dup line char fraction)."""
     reason = ""
-    if "\n" in text.strip():  # else one line and one paragraph: nothing repeats
+    if len(lines) > 1:  # else one line and one paragraph: nothing repeats
         paras = _paragraphs(text)
         n_dup, c_dup = _dup_count_chars(paras)
         if p.dup_para_frac is not None and paras and n_dup / len(paras) > p.dup_para_frac:
             reason = "dup_para_frac"
         elif p.dup_para_char_frac is not None and c_dup / len(text) > p.dup_para_char_frac:
             reason = "dup_para_char_frac"
-        lines = _lines(text)
         n_dup, c_dup = _dup_count_chars(lines)
-        line_frac, line_char_frac = (n_dup / len(lines) if lines else 0.0), c_dup / len(text)
+        line_frac, line_char_frac = n_dup / len(lines), c_dup / len(text)
     else:
         line_frac = line_char_frac = 0.0
     if not reason:
@@ -453,6 +464,10 @@ def _symbol_frac(text: str, n_chars: int) -> float:
 _SYMBOL_RE = re.compile(r"[^\w\s]")  # \w is str.isalnum() or "_" (Python re docs)
 _ASCII_NOT_SYMBOL = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if c.isalnum() or c == "_"
                                                   or c.isspace()))
+_ASCII_SPACES = tuple(c for c in map(chr, range(128)) if c.isspace())  # what str.split() splits ASCII at
+# deleting every ASCII char but letters and spaces: a word without a letter vanishes from .split()
+_ASCII_LETTERS_ONLY = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if not (c.isalpha()
+                                                    or c.isspace())))
 
 
 class _NgramHashes:
@@ -461,12 +476,12 @@ class _NgramHashes:
 
     def __init__(self, ids: np.ndarray):
         self.ids = ids
-        self.done = {1: ids * _MIX}
+        self.done = {1: ids * NGRAM_HASH_MIX}
 
     def __call__(self, n: int) -> np.ndarray:
         if n not in self.done:
             m = len(self.ids) - n + 1
-            self.done[n] = (self(n - 1)[:m] + self.ids[n - 1 : n - 1 + m]) * _MIX
+            self.done[n] = (self(n - 1)[:m] + self.ids[n - 1 : n - 1 + m]) * NGRAM_HASH_MIX
         return self.done[n]
 
 
@@ -481,57 +496,82 @@ def _coverage(starts: np.ndarray, n: int, cum: np.ndarray) -> int:
     return int((cum[ends] - cum[np.minimum(begin, ends)]).sum())
 
 
-def _ngram_reason(words: list[str], lens: np.ndarray, p: TextRuleParams, scale: int = 1) -> str:
+def _max_run(sorted_h: np.ndarray) -> int:
+    """Length of the longest run of equal values in a sorted array (the top n-gram's count)."""
+    edges = np.flatnonzero(sorted_h[1:] != sorted_h[:-1])  # a run ends at each edge
+    m = len(sorted_h)
+    if len(edges) == m - 1:
+        return 1
+    if not len(edges):
+        return m
+    inner = int((edges[1:] - edges[:-1]).max()) if len(edges) > 1 else 0
+    return max(int(edges[0]) + 1, m - 1 - int(edges[-1]), inner)
+
+
+def _top_positions(h: np.ndarray, sorted_h: np.ndarray, cmax: int) -> np.ndarray:
+    """Where the most frequent n-gram (`cmax` times) starts, sorted; ties: the n-gram that appears first."""
+    order = np.argsort(h, kind="stable")  # equal n-grams grouped as in sorted_h, each group in text order
+    starts = np.flatnonzero(np.concatenate(([True], sorted_h[1:] != sorted_h[:-1])))
+    counts = np.diff(starts, append=len(order))
+    best = np.flatnonzero(counts == cmax)
+    g = best[np.argmin(order[starts[best]])]
+    return np.sort(order[starts[g] : starts[g] + cmax])
+
+
+def _ngram_reason(words: list[str], p: TextRuleParams, scale: int = 1) -> str:
     """Gopher's top and duplicated n-gram rules ("" when none fires), exact; bounds skip hopeless work:
-    an n-gram is never more frequent than its (n-1)-gram prefix, and the chars covered by copies of
-    n-grams never grow with n (a copied n-gram's (n-1)-gram prefix and suffix are copies too)."""
+    an n-gram is never more frequent than its (n-1)-gram prefix; the later copies of n-grams, and the
+    chars they cover, never grow with n (a copied n-gram's (n-1)-gram prefix and suffix are copies
+    too); k occurrences cover at most k times the longest n-gram's chars. Counting needs only a sort;
+    the positions (an argsort) are taken only when a bound cannot rule the n-gram out."""
     n_words = len(words)
     cum = np.zeros(n_words + 1, np.int64)
-    np.cumsum(lens, out=cum[1:])
+    np.cumsum(np.fromiter(map(len, words), np.int64, n_words), out=cum[1:])
     total = int(cum[-1])
     if n_words < 2 or not total:
         return ""
-    ids = np.fromiter(map(hash, words), np.int64, n_words).view(np.uint64)
-    hashes = _NgramHashes(ids)
+    hashes = _NgramHashes(np.fromiter(map(hash, words), np.int64, n_words).view(np.uint64))
     cmax = None
     for rule_n, frac in sorted(p.top_ngram_char_frac.items()):
         n = rule_n * scale
         if n_words < n:
             continue
-        glen = cum[n:] - cum[:-n]
-        if cmax is not None and cmax * int(glen.max()) / total <= frac:
+        longest = int((cum[n:] - cum[:-n]).max())
+        if cmax is not None and cmax * longest / total <= frac:
             continue  # even cmax occurrences of the longest n-gram would cover too little
-        order = np.argsort(hashes(n), kind="stable")  # equal n-grams grouped, each group in text order
-        sorted_h = hashes(n)[order]
-        starts = np.flatnonzero(np.concatenate(([True], sorted_h[1:] != sorted_h[:-1])))
-        counts = np.diff(starts, append=len(order))
-        cmax = int(counts.max())
-        if cmax * int(glen.max()) / total <= frac:
+        sorted_h = np.sort(hashes(n))
+        cmax = _max_run(sorted_h)
+        if cmax * longest / total <= frac:
             continue
-        best = np.flatnonzero(counts == cmax)
-        g = best[np.argmin(order[starts[best]])]  # ties: the n-gram that appears first
-        if _coverage(np.sort(order[starts[g] : starts[g] + cmax]), n, cum) / total > frac:
+        if _coverage(_top_positions(hashes(n), sorted_h, cmax), n, cum) / total > frac:
             return f"top_{rule_n}_gram"
-    bound = None
+    covered_max = n_copies = None  # at the last n looked at: chars its copies cover (at most), copies
     for rule_n, frac in sorted(p.dup_ngram_char_frac.items()):
         n = rule_n * scale
-        if n_words < n or (bound is not None and bound / total <= frac):
+        if n_words < n or (covered_max is not None and covered_max / total <= frac):
             continue
-        hn = hashes(n)
-        order = np.argsort(hn, kind="stable")
-        same = hn[order[1:]] == hn[order[:-1]]
-        if not same.any():
+        longest = int((cum[n:] - cum[:-n]).max())
+        if n_copies is not None and n_copies * longest / total <= frac:
+            continue
+        sorted_h = np.sort(hashes(n))
+        n_copies = int(np.count_nonzero(sorted_h[1:] == sorted_h[:-1]))
+        if not n_copies:
             break  # no n-gram repeats, so no longer one does either
+        if n_copies * longest / total <= frac:
+            continue
+        order = np.argsort(hashes(n), kind="stable")
+        same = hashes(n)[order[1:]] == hashes(n)[order[:-1]]
         copies = np.sort(order[1:][same])  # later members of a group copy an earlier occurrence
-        covered = _coverage(copies, n, cum)
-        if covered / total > frac:
+        covered_max = _coverage(copies, n, cum)
+        if covered_max / total > frac:
             return f"dup_{rule_n}_gram"
-        bound = covered  # the next n covers no more
     return ""
 
 
-def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRuleParams, stats: dict) -> str:
-    """Gopher quality then repetition, in reference order; fills `stats` with the score columns."""
+def _gopher_reason(text: str, words: list[str], lines: list[str], n_chars: int, cjk: bool, stops,
+                   p: TextRuleParams, stats: dict) -> str:
+    """Gopher quality then repetition, in reference order, given the text's words, non-empty lines
+    and the chars of its words; fills `stats` with the score columns."""
     n, n_count = len(words), word_count(words, cjk, p)
     if p.min_words is not None and n_count < p.min_words:
         return "few_words"
@@ -539,8 +579,7 @@ def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRulePar
         return "many_words"
     if not n:
         return ""
-    lens = np.fromiter(map(len, words), np.int64, n)
-    stats["mean_word_len"] = mean = int(lens.sum()) / n
+    stats["mean_word_len"] = mean = n_chars / n
     if not cjk:
         if p.min_mean_word_len is not None and mean < p.min_mean_word_len:
             return "short_mean_word"
@@ -551,7 +590,6 @@ def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRulePar
             return "many_hashes"
         if ellipsis_count(text) / n > p.max_symbol_word_ratio:
             return "many_ellipses"
-    lines = _lines(text) if text.count("\n") + 1 >= p.line_rules_min_lines else []
     if len(lines) < p.line_rules_min_lines:
         pass
     elif p.max_bullet_lines_frac is not None and \
@@ -562,6 +600,8 @@ def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRulePar
             return "ellipsis_lines"
     if cjk:
         no_letter = sum(1 for w in words if not has_letter(w))
+    elif text.isascii():
+        no_letter = n - len(text.translate(_ASCII_LETTERS_ONLY).split())
     else:
         no_letter = len(_NO_LETTER_WORD_RE.findall(text))
     stats["alpha_word_frac"] = alpha = (n - no_letter) / n
@@ -575,15 +615,17 @@ def _gopher_reason(text: str, words: list[str], cjk: bool, stops, p: TextRulePar
             return "few_stop_words"
     if n_count < p.ngram_min_words:
         return ""
-    return _ngram_reason(words, lens, p, p.cjk_ngram_scale if cjk else 1)
+    return _ngram_reason(words, p, p.cjk_ngram_scale if cjk else 1)
 
 
-def analyze(text: str, p: TextRuleParams, lang: str | None = None, zero_re=None, char_re=None
+def analyze(text: str, p: TextRuleParams, lang: str | None = None, char_re: re.Pattern | None = None
             ) -> tuple[str, dict[str, float]]:
-    """The first rule that fires on `text` ("" if none) and the score columns; equals reference_reason."""
+    """The first rule that fires on `text` ("" if none) and the score columns; equals reference_reason.
+    `char_re` is the compiled long_char_run pattern (TextRules compiles it once)."""
     scores = {"word_count": 0.0, "mean_word_len": 0.0, "alpha_word_frac": 0.0, "dup_line_frac": 0.0,
               "dup_line_char_frac": 0.0, "symbol_char_frac": 0.0}
-    if not text.isascii() and max(text) >= "\u2500" and _BOX_RE.search(text):
+    is_ascii = text.isascii()
+    if not is_ascii and _BOX_RE.search(text):
         text = text.translate(_LAYOUT)
     if not text or text.isspace():
         return "", scores
@@ -594,25 +636,31 @@ def analyze(text: str, p: TextRuleParams, lang: str | None = None, zero_re=None,
         reason = "long_zero_run"
     elif char_re is not None and _has_char_run(text, p.max_char_run, char_re):
         reason = "long_char_run"
-    elif p.max_sentence_words is not None and _has_long_sentence(text, p.max_sentence_words):
+    elif p.max_sentence_words is not None and _has_long_sentence(text, p.max_sentence_words, is_ascii):
         reason = "long_sentence"
     cjk, stops = language_of(text, lang, p)
     words = words_of(text, cjk)
-    n_chars = sum(map(len, words)) if cjk else len("".join(words))
+    if is_ascii:  # the words' chars are the non-space chars
+        n_chars = len(text) - sum(map(text.count, _ASCII_SPACES))
+    else:
+        n_chars = sum(map(len, words)) if cjk else len("".join(words))
     scores["word_count"] = len(words)
     if n_chars:
         scores["symbol_char_frac"] = sym = _symbol_frac(text, n_chars)
         if not reason and p.max_symbol_char_frac is not None and n_chars >= p.symbol_min_chars \
                 and sym > p.max_symbol_char_frac:
             reason = "symbol_soup"
-    if reason or is_code(text, p):
+    if reason:
+        return reason, scores
+    lines = _lines(text)
+    if p.code_line_frac is not None and is_code_lines(lines, p.code_line_frac):
         return reason, scores  # the duplicate-line and document rules are for prose
-    reason, scores["dup_line_frac"], scores["dup_line_char_frac"] = _line_reason(text, p)
+    reason, scores["dup_line_frac"], scores["dup_line_char_frac"] = _line_reason(text, lines, p)
     if reason or word_count(words, cjk, p) < p.doc_min_words:
         return reason, scores
     for rule_set in p.rule_sets:
         if rule_set == "gopher":
-            reason = _gopher_reason(text, words, cjk, stops, p, scores)
+            reason = _gopher_reason(text, words, lines, n_chars, cjk, stops, p, scores)
         else:
             reason = (c4_reason if rule_set == "c4" else fineweb_reason)(text, words, cjk, stops, p)
         if reason:
@@ -638,7 +686,6 @@ class TextRules(Operator):
     def __init__(self, **params):
         self.params = self.Params(**params)
         p = self.params
-        self._zero_re = re.compile(f"0{{{p.max_zero_run + 1},}}") if p.max_zero_run is not None else None
         self._char_re = re.compile(_char_run_pattern(p.max_char_run)) if p.max_char_run is not None else None
 
     def thresholds(self) -> dict[str, list[float]]:
@@ -657,7 +704,7 @@ class TextRules(Operator):
                  "symbol_char_frac")
         cols = {k: np.zeros(len(texts), np.float64) for k in names}
         for i, (text, lang) in enumerate(zip(texts, langs)):
-            reason, scores = analyze(text, self.params, lang, self._zero_re, self._char_re)
+            reason, scores = analyze(text, self.params, lang, self._char_re)
             for k in names:
                 cols[k][i] = scores[k]
             if reason:
