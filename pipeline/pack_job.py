@@ -10,7 +10,7 @@ layout is a pure function of the inputs, never of the cluster). Then:
    with `reject_reason` (`pack:<rule>`); the rest -> Select -> Search -> Pack -> Maintain with the
    partition's own bounded buffers -> OUT/kept/pack-<p>-<k>.parquet. At the end the open buffers and
    the reserve are repacked first-fit decreasing (operators/packing/repack.py; a partition of at most
-   128 packs' worth is packed whole, `Packer`); the packs that reach 99% of a budget are written, the
+   256 packs' worth is packed whole, `Packer`); the packs that reach 99% of a budget are written, the
    rest (a few per partition) go, as pieces, to OUT/_tail/<p>.parquet.
    Its marker pack-part-<p> (counts, fill histogram, the files it wrote) is written last.
 2. `ivl-pack:tail`, one task: every partition's tail pieces, in partition order, repacked first-fit
@@ -44,7 +44,7 @@ depend on the packing arguments (mode, seed, buffer size, rows per shard, partit
 every pack is made again from the cached tokens, exactly as a clean run makes them.
 
 Memory per partition task: its packer (buffer_size open packs + a reserve of small text-only
-samples, or up to 128 packs' worth held while the partition may still be packed whole), one input
+samples, or up to 256 packs' worth held while the partition may still be packed whole), one input
 shard and at most 32 packed rows waiting to be written.
 """
 
@@ -52,12 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
-import math
 import os
-import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -65,21 +62,22 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from model.tiling import count_tiles, max_tiles_per_image
 from model.tokenizer import IGNORE_INDEX, INTERNVL_SYSTEM_PROMPT, load_tokenizer, render_batch
+from operators.images import ImageError, decode_draft, image_size
 from operators.packing import (
     PACKED_SCHEMA,
     Pack,
     Packer,
     Piece,
-    first_fit_decreasing,
+    pack_offline,
     pack_stream,
     select_samples,
     split_tail,
     unpackable_reason,
 )
+from operators.packing.bounds import lower_bound, volume_bound
 from operators.packing.format import packs_to_table
 from pipeline.io import (
     abspath,
@@ -99,7 +97,16 @@ from pipeline.io import (
     write_marker,
     write_parquet_atomic,
 )
-from pipeline.report import check_accounting, histogram, write_summary
+from pipeline.jobs import (
+    AccountingError,
+    Marker,
+    check_accounting,
+    commit,
+    merge,
+    plan_units,
+    read_unit_marker,
+)
+from pipeline.report import histogram, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -126,33 +133,17 @@ CACHE_VERSION = 2  # bump when tokenize_table's output changes: old caches are t
 def image_tiles(images: list[bytes], meta: dict, verify: bool = False) -> tuple[list[int], list[int]]:
     """(tiles, max_num) per image from the encoded bytes: size from the header, InternVL's geometry,
     the dataset's `max_dynamic_patch` divided among the sample's images. Raises on bytes PIL cannot
-    identify; with `verify`, also on data that does not decode to the end (a full decode: ~5x slower,
+    identify (`ImageError`, operators/images.py: one policy, the pixel limit included); with `verify`,
+    also on data that does not decode to the end (a full decode: ~5x slower,
     so off by default: curate's image checks are where broken pixels are meant to be caught)."""
     mdp = int(meta.get("max_dynamic_patch") or DEFAULT_MAX_DYNAMIC_PATCH)
     max_num = max_tiles_per_image(mdp, len(images))
     tiles = []
     for data in images:
-        size = None if verify else png_size(data)
-        if size is None:
-            with Image.open(io.BytesIO(data)) as im:
-                size = im.size
-                if verify:
-                    im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; still reads the whole stream
-                    im.load()
+        # JPEG decodes at 1/8 scale with `verify`, still reading the whole stream (operators/images.py)
+        size = decode_draft(data, "RGB", 64)[0] if verify else image_size(data)
         tiles.append(count_tiles(*size, max_num=max_num))
     return tiles, [max_num] * len(images)
-
-
-_PNG_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
-
-
-def png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR chunk (bytes 16-24, what PIL's header read returns), or None
-    for anything else: PIL's `Image.open` costs ~100 us per image, this ~1 us."""
-    if data[:16] != _PNG_IHDR or len(data) < 24:
-        return None
-    w, h = struct.unpack(">II", data[16:24])
-    return (w, h) if w and h else None
 
 
 def tokenize_table(
@@ -182,7 +173,7 @@ def tokenize_table(
         try:
             tiles[i], max_nums[i] = image_tiles(images[i] or [], meta, verify_images)
             augment[i] = [bool(meta.get("data_augment", False))] * len(tiles[i])
-        except Exception:  # PIL raises many kinds for bad bytes
+        except (ImageError, TypeError, ValueError):  # or a meta max_dynamic_patch that is no number
             reasons[i] = "pack:image_undecodable"
     ok = [i for i in range(n) if not reasons[i]]
     rendered: dict[int, tuple] = {}
@@ -323,6 +314,7 @@ class _PackStats:
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
         self.c: Counter = Counter()
         self.fill = np.zeros(FILL_BINS, np.int64)
+        self.sizes: Counter = Counter()  # (tokens, tiles) of every piece packed: the lower bound's input
 
     def add(self, pack: Pack) -> None:
         c = self.c
@@ -331,30 +323,31 @@ class _PackStats:
         c["tiles"] += pack.tiles
         c["pieces"] += len(pack.records)
         c["samples"] += sum(rec.payload.last for rec in pack.records)  # a split sample counts once, at its last piece
-        # no two pieces over half a budget share a pack: their count bounds the packs from below too
-        c["over_half_tiles"] += sum(2 * rec.tiles > self.max_tiles for rec in pack.records)
-        c["over_half_tokens"] += sum(2 * rec.tokens > self.max_tokens for rec in pack.records)
+        self.sizes.update((rec.tokens, rec.tiles) for rec in pack.records)
         self.fill[min(FILL_BINS - 1, pack.tokens * FILL_BINS // self.max_tokens)] += 1
 
     def marker(self) -> dict:
-        return {**{k: int(self.c[k]) for k in ("packs", "tokens", "tiles", "pieces", "samples", "over_half_tiles",
-                                                "over_half_tokens")},
-                "fill_hist": self.fill.tolist()}
+        return {**{k: int(self.c[k]) for k in ("packs", "tokens", "tiles", "pieces", "samples")},
+                "fill_hist": self.fill.tolist(), "sizes": [[t, k, n] for (t, k), n in sorted(self.sizes.items())]}
 
 
 # ---- one partition (a Ray task) -------------------------------------------------------------------
 
-_TOKENIZERS: dict[str, object] = {}  # per worker process, by the saved tokenizer's digest
+class WorkerTokenizers:
+    """The job's saved tokenizer, loaded once per Ray worker process (model/tokenizer.py's loader) and
+    kept by its digest: loading takes ~0.5 s, a partition's tokenizing ~0.15 CPU-s (bench/packing.py)."""
+
+    def __init__(self):
+        self.loaded: dict[str, object] = {}
+
+    def get(self, tok_dir: str, digest: str):
+        if digest not in self.loaded:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task = one core
+            self.loaded = {digest: load_tokenizer(local_dir(tok_dir))}  # one at a time: the last job's
+        return self.loaded[digest]
 
 
-def _worker_tokenizer(tok_dir: str, digest: str):
-    tok = _TOKENIZERS.get(digest)
-    if tok is None:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task = one core
-        from transformers import AutoTokenizer
-
-        tok = _TOKENIZERS[digest] = AutoTokenizer.from_pretrained(local_dir(tok_dir))
-    return tok
+WORKER_TOKENIZERS = WorkerTokenizers()  # the one per-process cache (a plain Ray task has no other home)
 
 
 @contextlib.contextmanager
@@ -381,7 +374,7 @@ def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter) -> pa.T
                                    "delete that folder's _tokens/ and _done/ and rerun")
             return _with_token_columns(table, tokens)
     with _cpu(counts, "tokenize"):
-        tok = _worker_tokenizer(spec["tok_dir"], spec["tok_digest"])
+        tok = WORKER_TOKENIZERS.get(spec["tok_dir"], spec["tok_digest"])
         b = spec["batch_size"]
         parts = [tokenize_table(table.slice(k, b), tok, **spec["tokenize"]) for k in range(0, table.num_rows, b)]
         joined = pa.concat_tables(parts) if parts else _with_token_columns(table, _empty_tokens())
@@ -511,38 +504,46 @@ def pack_partition(spec: dict) -> dict:
     _write_packs(iter(last), kept, stats)
     kept.write()
     rejected.write()
-    write_parquet_fast(_pieces_to_table([r.payload for q in tail for r in q.records]), tail_path(out, p))
-    marker = {
-        "fingerprint": spec["pack_fingerprint"], "input": counts["input"], "rejected": rejected.written,
-        "reasons": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("reason:")},
-        "split_samples": counts["split_samples"], "pieces_without_answer": counts["pieces_without_answer"],
-        "tail_pieces": sum(len(q.records) for q in tail), "kept_files": kept.names, "rejected_files": rejected.names,
-        **stats.marker(),
-    }
+    tail_pieces = [r.payload for q in tail for r in q.records]
+    write_parquet_fast(_pieces_to_table(tail_pieces), tail_path(out, p))
+    expected = spec["rows"]  # counted from the input files' footers (pipeline/jobs.py), not from the rows read
+    if counts["input"] != expected:
+        raise AccountingError(f"partition {p}: {counts['input']} rows read, {expected} in its input files")
+    # A row is kept once it is not rejected: in this partition's packs or, as pieces, in the tail's.
+    marker = Marker(key=part_key(p), input=expected, kept=stats.c["samples"] + sum(q.last for q in tail_pieces),
+                    rejected=rejected.written,
+                    reasons={k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("reason:")},
+                    files=[f"kept/{n}" for n in kept.names] + [f"rejected/{n}" for n in rejected.names])
     cpu = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("cpu_ms:")}
     cpu["pack"] = round(1000 * (time.process_time() - t0)) - sum(cpu.values())  # Select..Maintain, rows -> Arrow
-    marker["cpu_ms"] = dict(sorted(cpu.items()))
-    write_marker(out, part_key(p), marker)
-    return {**marker, "tokenized_rows": counts["tokenized_rows"]}
+    for stage, ms in sorted(cpu.items()):
+        marker.add_stage(stage, ms / 1000, expected)
+    marker.extra = {"fingerprint": spec["pack_fingerprint"], "split_samples": counts["split_samples"],
+                    "pieces_without_answer": counts["pieces_without_answer"], "tail_pieces": len(tail_pieces),
+                    "kept_files": kept.names, "rejected_files": rejected.names, **stats.marker()}
+    commit(out, marker)
+    return {"marker": marker.to_json(), "tokenized_rows": counts["tokenized_rows"]}
 
 
 def pack_tail(spec: dict, partitions: int, packs_before: int) -> dict:
-    """Every partition's tail pieces repacked first-fit decreasing into kept/pack-tail-*; its marker.
-    With no pack anywhere else it still writes one (empty) file, so an empty input has a kept/ file."""
+    """Every partition's tail pieces repacked (operators/packing/repack.py) into kept/pack-tail-*; its
+    marker (its rows are counted by the partitions). With no pack anywhere else it still writes one
+    (empty) file, so an empty input has a kept/ file."""
     out = spec["out_dir"]
     t0 = time.process_time()
     pieces = [q for p in range(partitions) for q in _table_to_pieces(pq.read_table(tail_path(out, p)))]
-    packs = first_fit_decreasing((q.record() for q in pieces), spec["max_tokens"], spec["max_tiles"])
+    packs = pack_offline((q.record() for q in pieces), spec["max_tokens"], spec["max_tiles"])
     kept = _ShardWriter(os.path.join(out, "kept"), "pack-tail", spec["rows_per_shard"], write_packed)
     stats = _PackStats(spec["max_tokens"], spec["max_tiles"])
     _write_packs(iter(packs), kept, stats)
     if not kept.count and not kept.names and not packs_before:
         kept.add(packs_to_table([]))
     kept.write()
-    marker = {"fingerprint": spec["pack_fingerprint"], "kept_files": kept.names, **stats.marker(),
-              "cpu_ms": {"tail": round(1000 * (time.process_time() - t0))}}
-    write_marker(out, TAIL_KEY, marker)
-    return marker
+    marker = Marker(key=TAIL_KEY, input=0, files=[f"kept/{n}" for n in kept.names],
+                    extra={"fingerprint": spec["pack_fingerprint"], "kept_files": kept.names, **stats.marker()})
+    marker.add_stage("tail", time.process_time() - t0, len(pieces))
+    commit(out, marker)
+    return marker.to_json()
 
 
 # ---- the driver -----------------------------------------------------------------------------------
@@ -611,17 +612,11 @@ def _cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_t
             "max_tokens": max_tokens, "max_tiles": max_tiles, "verify_images": verify_images, "inputs": inputs}
 
 
-_REMOTE: dict[str, object] = {}
-
-
 def _remote(fn):
-    """`fn` as a Ray task named after the ivl job and stage (`ivl-pack:partition`), made once."""
+    """`fn` as a Ray task named after the ivl job and stage (`ivl-pack:partition`)."""
     import ray
 
-    name = f"ivl-pack:{fn.__name__.removeprefix('pack_')}"
-    if name not in _REMOTE:
-        _REMOTE[name] = ray.remote(fn).options(name=name, num_cpus=1)
-    return _REMOTE[name]
+    return ray.remote(fn).options(name=f"ivl-pack:{fn.__name__.removeprefix('pack_')}", num_cpus=1)
 
 
 def run_pack(
@@ -668,58 +663,68 @@ def run_pack(
             "rows_per_shard": rows_per_shard,
             "tokenize": {"system_prompt": system_prompt, "max_tokens": max_tokens, "max_tiles": max_tiles,
                          "verify_images": verify_images}}
-    markers = {p: m for p in range(len(parts))
-               if (m := read_marker(out_dir, part_key(p))) and m.get("fingerprint") == spec["pack_fingerprint"]}
+    units = plan_units(files)  # rows counted from the input files, never from what the tasks read
+    if any(u.rows is None for u in units):
+        raise ValueError(f"unreadable input shard: {next(u.path for u in units if u.rows is None)}")
+
+    def committed(key: str) -> Marker | None:
+        m = read_unit_marker(out_dir, key)
+        return m if m is not None and m.extra.get("fingerprint") == spec["pack_fingerprint"] else None
+
+    markers = {p: m for p in range(len(parts)) if (m := committed(part_key(p)))}
     todo = [p for p in range(len(parts)) if p not in markers]
     tokenized_rows = 0
-    tail = read_marker(out_dir, TAIL_KEY)
-    if todo or tail is None or tail.get("fingerprint") != spec["pack_fingerprint"]:
+    tail = committed(TAIL_KEY)
+    if todo or tail is None:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
         task = _remote(pack_partition)
-        refs = {p: task.remote({**spec, "index": p, "shards": [(i, files[i]) for i in parts[p]]}) for p in todo}
+        refs = {p: task.remote({**spec, "index": p, "shards": [(i, files[i]) for i in parts[p]],
+                                "rows": sum(units[i].rows for i in parts[p])}) for p in todo}
         for p, ref in refs.items():
-            markers[p] = ray.get(ref)
-            tokenized_rows += markers[p].pop("tokenized_rows")
-        packs_before = sum(m["packs"] for m in markers.values())
-        tail = ray.get(_remote(pack_tail).remote(spec, len(parts), packs_before))
+            done_p = ray.get(ref)
+            markers[p] = Marker.from_json(done_p["marker"])
+            tokenized_rows += done_p["tokenized_rows"]
+        packs_before = sum(m.extra["packs"] for m in markers.values())
+        tail = Marker.from_json(ray.get(_remote(pack_tail).remote(spec, len(parts), packs_before)))
     ordered = [markers[p] for p in range(len(parts))]
-    _remove_unnamed(os.path.join(out_dir, "kept"), {n for m in [*ordered, tail] for n in m["kept_files"]})
-    _remove_unnamed(os.path.join(out_dir, "rejected"), {n for m in ordered for n in m["rejected_files"]})
+    _remove_unnamed(os.path.join(out_dir, "kept"), {n for m in [*ordered, tail] for n in m.extra["kept_files"]})
+    _remove_unnamed(os.path.join(out_dir, "rejected"), {n for m in ordered for n in m.extra["rejected_files"]})
     return _summarise(out_dir, ordered, tail, t0, files=files, resumed=len(done), tokenized_rows=tokenized_rows,
                       max_tokens=max_tokens, max_tiles=max_tiles, mode=mode, seed=seed, tok_dir=tok_dir,
                       buffer_size=packer.impl.buffers.capacity if mode == "ivl" else packer.impl.capacity,
                       resumed_partitions=len(parts) - len(todo))
 
 
-def _summarise(out_dir: str, parts: list[dict], tail: dict, t0: float, **run) -> dict:
-    """summary.json and the fill plot, from the markers alone."""
-    def total(key: str, markers=(*parts, tail)) -> int:
-        return sum(m.get(key, 0) for m in markers)
+def _summarise(out_dir: str, parts: list[Marker], tail: Marker, t0: float, **run) -> dict:
+    """summary.json and the fill plot, from the markers alone (pipeline/jobs.py `merge`)."""
+    markers = [*parts, tail]
+    merged = merge(markers)
 
-    reasons: Counter = Counter()
-    for m in parts:
-        reasons.update(m["reasons"])
-    cpu: Counter = Counter()
-    for m in (*parts, tail):
-        cpu.update(m.get("cpu_ms", {}))
+    def total(key: str, among=markers) -> int:
+        return sum(m.extra.get(key, 0) for m in among)
+
+    sizes: Counter = Counter()
+    for m in markers:
+        sizes.update({(t, k): n for t, k, n in m.extra["sizes"]})
     packs, tokens, tiles = total("packs"), total("tokens"), total("tiles")
     max_tokens, max_tiles = run["max_tokens"], run["max_tiles"]
-    lower = max(math.ceil(tokens / max_tokens), math.ceil(tiles / max_tiles))
-    inputs = total("input", parts)
-    fill = np.sum([m["fill_hist"] for m in (*parts, tail)], axis=0)
+    lower = lower_bound(sizes, max_tokens, max_tiles)
+    if total("samples") != merged["kept"]:  # every kept row is in exactly one written pack
+        raise AccountingError(f"{merged['kept']} rows kept but {total('samples')} samples in the packs")
+    fill = np.sum([m.extra["fill_hist"] for m in markers], axis=0)
     summary = {
-        "input": inputs,
-        "kept": total("samples"),
-        "rejected": total("rejected", parts),
-        "reasons": dict(sorted(reasons.items())),
+        "input": merged["input"],
+        "kept": merged["kept"],
+        "rejected": merged["rejected"],
+        "reasons": merged["reasons"],
         "samples": total("samples"),
         "pieces": total("pieces"),
         "pieces_without_answer": total("pieces_without_answer", parts),
         "split_samples": total("split_samples", parts),
         "packs": packs,
-        "tail_packs": tail["packs"],
-        "shards": sum(len(m["kept_files"]) for m in (*parts, tail)),
+        "tail_packs": tail.extra["packs"],
+        "shards": sum(len(m.extra["kept_files"]) for m in markers),
         "input_shards": len(run["files"]),
         "partitions": len(parts),
         "resumed_partitions": run["resumed_partitions"],
@@ -727,16 +732,15 @@ def _summarise(out_dir: str, parts: list[dict], tail: dict, t0: float, **run) ->
         "tokenized_rows": run["tokenized_rows"],
         "total_tokens": tokens,
         "total_tiles": tiles,
+        # volume, Martello-Toth L2 per budget and a conflict-clique bound (operators/packing/bounds.py)
         "lower_bound_packs": lower,
         "packs_over_lower_bound": packs / lower if lower else None,
-        # max(lower bound, pieces over half the tiles, pieces over half the tokens): still a bound
-        "lower_bound_packs_exclusive": (strict := max(lower, total("over_half_tiles"), total("over_half_tokens"))),
-        "packs_over_exclusive_bound": packs / strict if strict else None,
+        "lower_bound_packs_volume": volume_bound(sizes, max_tokens, max_tiles),  # the volume bound alone
         "token_fill": tokens / (packs * max_tokens) if packs else 0.0,
         "tile_fill": tiles / (packs * max_tiles) if packs else 0.0,
         "samples_per_pack": total("pieces") / packs if packs else 0.0,
         "rows_per_row_group": 1,
-        "task_cpu_s": {k: round(v / 1000, 3) for k, v in sorted(cpu.items())},  # per stage, all tasks (one run)
+        "task_cpu_s": dict(sorted(merged["stage_seconds"].items())),  # per stage, all tasks (one run)
         "max_tokens": max_tokens,
         "max_tiles": max_tiles,
         "mode": run["mode"],
@@ -744,16 +748,16 @@ def _summarise(out_dir: str, parts: list[dict], tail: dict, t0: float, **run) ->
         "seed": run["seed"],
         "tokenizer": run["tok_dir"],
     }
-    check_accounting(summary)
+    check_accounting(summary, parts, splits=("kept", "rejected"))
     centres = (np.arange(FILL_BINS) + 0.5) / FILL_BINS
     histogram(np.repeat(centres, fill).tolist(), os.path.join(out_dir, "report", "pack_fill.png"),
               "token fill per pack", bins=FILL_BINS)
     seconds = time.perf_counter() - t0
     summary["seconds"] = round(seconds, 3)
-    summary["samples_per_s"] = round(inputs / seconds, 1) if seconds else None
+    summary["samples_per_s"] = round(summary["input"] / seconds, 1) if seconds else None
     summary["report"] = write_summary(out_dir, summary)
     return summary
 
 
-__all__ = ["run_pack", "tokenize_table", "image_tiles", "png_size", "resume_state", "plan_partitions",
+__all__ = ["run_pack", "tokenize_table", "image_tiles", "resume_state", "plan_partitions",
            "pack_partition", "pack_tail", "write_packed", "PACKED_SCHEMA"]

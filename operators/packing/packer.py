@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain
 
 from operators.packing.buffers import BufferList
-from operators.packing.repack import first_fit_decreasing, is_nearly_full
+from operators.packing.repack import is_nearly_full, pack_offline
 from operators.packing.sample import Pack, Piece, Record
 
 MODES = ("ivl", "internvl")
@@ -27,9 +27,9 @@ MODES = ("ivl", "internvl")
 DEFAULT_BUFFER_SIZE = 32
 DEFAULT_RESERVE_SIZE = 1024
 INTERNVL_BUFFER_SIZE = 20  # --max_buffer_size 20 in the InternVL 2.5 stage scripts
-# A stream of up to 128 packs' worth is packed whole at its end (Packer): 4x the open buffers' memory,
+# A stream of up to 256 packs' worth is packed whole at its end (Packer): 8x the open buffers' memory,
 # and enough for the bench's 500-2,000-sample partitions (47-75 packs each).
-DEFAULT_HOLD_PACKS = 128
+DEFAULT_HOLD_PACKS = 256  # 128 streamed the bench's 1,000-sample sets (136 packs): 138 where whole makes 136
 HOLD_RECORDS = 4096  # and at most this many records: FFD's scan is O(records x packs)
 
 
@@ -170,8 +170,8 @@ class BestFitPacker:
         return recs
 
     def finish(self) -> list[Pack]:
-        """At the end: what is left repacked first-fit decreasing (repack.py), not flushed half full."""
-        return first_fit_decreasing(self.drain(), self.max_tokens, self.max_tiles)
+        """At the end: what is left repacked (repack.py: FFD, then search), not flushed half full."""
+        return pack_offline(self.drain(), self.max_tokens, self.max_tiles)
 
     def flush(self) -> list[Pack]:
         """At the end: every open buffer leaves, fullest first (each topped off), then the reserve."""
@@ -320,7 +320,7 @@ class Packer:
             out = self.impl.finish()
         else:
             held = self.held
-            whole = first_fit_decreasing(held, self.max_tokens, self.max_tiles)
+            whole = pack_offline(held, self.max_tokens, self.max_tiles)
             streamed = self._stop_holding() + self.impl.finish()
             out = min(streamed, whole, key=self._cost)  # the stream on a tie
         self._start_holding()
