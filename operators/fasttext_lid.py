@@ -31,15 +31,16 @@ def _libm():
     return lib
 
 
-def _to_f32_exactly(y: np.ndarray, libm_fn, x: np.ndarray, margin: float) -> np.ndarray:
-    """float32(y), where y = fn(x) in float64; values within `margin` (relative) of a float32 rounding
-    midpoint are recomputed with the C library's own function (what fastText gets)."""
+def _to_f32_exactly(y: np.ndarray, libm_fn, x: np.ndarray, margin_bits: int) -> np.ndarray:
+    """float32(y), where y = fn(x) in float64; where y lies within 2**margin_bits float64 units of a float32
+    rounding midpoint (or is no normal float32), the C library's own function (what fastText gets)."""
     shape, y, x = y.shape, y.ravel(), x.ravel()
     with np.errstate(over="ignore", invalid="ignore"):  # exp overflows to inf in C as here
         r = y.astype(np.float32)
-        r64 = r.astype(np.float64)
-        other = np.nextafter(r, np.where(y > r64, np.inf, -np.inf).astype(np.float32)).astype(np.float64)
-        near = np.abs(y - (r64 + other) / 2) <= margin * np.abs(y)
+        low = (y.view(np.uint64) & np.uint64((1 << 29) - 1)).astype(np.int64)  # the 29 bits float32 drops
+        near = np.abs(low - (1 << 28)) <= (1 << margin_bits)
+        a = np.abs(y)
+        near |= ~((a >= 2.0**-125) & (a < 2.0**127))  # zero, subnormal, huge or inf: not worth the care
     for i in np.flatnonzero(near):
         r[i] = libm_fn(float(x[i]))
     return r.reshape(shape)
@@ -73,7 +74,7 @@ class HsTop1:
         self.vocab = {w: i for i, w in enumerate(words)}
         self.prune_size, buckets, prune_rows = _read_pruneidx(path)
         if self.prune_size > 0:
-            self.prune = np.full(self.bucket, -1, np.int64)
+            self.prune = np.full(self.bucket, -1, np.int32)
             self.prune[buckets] = prune_rows
         nrows = self.nwords + (self.prune_size if self.prune_size >= 0 else self.bucket)
         if model.is_quantized():
@@ -113,10 +114,11 @@ class HsTop1:
     @staticmethod
     def _get_line(words: list[str]) -> list[str]:
         """Dictionary::getLine's tokens of `words` + '\\n': up to the first EOS, which ends them; labels dropped."""
-        if EOS in words:
+        joined = " ".join(words)  # one substring test instead of one per word
+        if EOS in joined and EOS in words:
             words = words[: words.index(EOS)]
         words = [*words, EOS]
-        return [t for t in words if not t.startswith("__label__")] if any("__label__" in t for t in words) else words
+        return [t for t in words if not t.startswith("__label__")] if "__label__" in joined else words
 
     def _add_words(self, new: list[str]) -> None:
         """Row ids of the words just given slots, as Dictionary::getSubwords computes them, to the buffer."""
@@ -134,40 +136,43 @@ class HsTop1:
         data = np.frombuffer(b"".join(enc), np.uint8)
         wend = np.cumsum([len(e) for e in enc], dtype=np.int64)
         cpos = np.flatnonzero((data & 0xC0) != 0x80)  # byte position of every character
+        nc = len(cpos)
+        clen = np.diff(np.append(cpos, len(data)))  # words lie back to back: a character ends where the next starts
         cword = np.searchsorted(wend, cpos, side="right")
         nchar = np.bincount(cword, minlength=len(words))
-        k = np.arange(len(cpos)) - (np.cumsum(nchar) - nchar)[cword]  # character index inside its word
-        left = nchar[cword] - k  # characters from this one to the word's end
-        ns = np.arange(self.minn, self.maxn + 1)
-        # one row per character: [word id, n-gram of minn chars, ..., of maxn chars], valid where it exists
-        valid = left[:, None] >= ns[None, :]
-        nxt = np.append(cpos, len(data))  # words lie back to back: a word's end is the next one's start
-        end = nxt[np.minimum(np.arange(len(cpos))[:, None] + ns, len(cpos))]
-        is_eos = np.array([w == EOS for w in words], bool)
-        valid &= ~is_eos[cword][:, None]  # EOS has no subwords
-        start = np.broadcast_to(cpos[:, None], valid.shape)[valid]
-        length = (end[valid] - start).astype(np.uint8)  # at most 4 bytes per character
-        order = np.argsort(length, kind="stable")[::-1]  # longest first: byte t updates a prefix
-        st, ln = start[order], length[order]
-        longer = len(ln) - np.cumsum(np.bincount(ln))  # longer[t]: how many have more than t bytes
-        h = np.full(len(st), 2166136261, np.uint32)
+        left = nchar[cword] - (np.arange(nc) - (np.cumsum(nchar) - nchar)[cword])  # characters to the word's end
         signed = data.astype(np.int8).astype(np.uint32)  # uint32(int8(c)): bytes >= 0x80 sign-extend
-        for t, c in enumerate(longer):
-            h[:c] = (h[:c] ^ signed[st[:c] + t]) * np.uint32(16777619)
-        hashes = np.empty_like(h)
-        hashes[order] = h
-        gid = (hashes % np.uint32(self.bucket)).astype(np.int64)
-        if self.prune_size > 0:
-            gid = self.prune[gid]
-        elif self.prune_size == 0:
-            gid[:] = -1
-        wid = np.array([self.vocab.get(w, -1) for w in words], np.int64)
-        table = np.full((len(cpos), 1 + len(ns)), -1, np.int64)
-        table[:, 0] = np.where(k == 0, wid[cword], -1)
-        table[:, 1:][valid] = np.where(gid >= 0, gid + self.nwords, -1)
-        owner = np.broadcast_to(cword[:, None], table.shape)
+        multibyte = [np.flatnonzero(clen > t) for t in range(1, 4)]
+        prime = np.uint32(16777619)
+
+        def extend(h: np.ndarray, off: int) -> None:
+            """h[g] continues over the bytes of character g + off (FNV-1a is one byte after another)."""
+            hh = h[: nc - off]
+            hh ^= signed[cpos[off:]]
+            hh *= prime
+            for t, idx in enumerate(multibyte, start=1):
+                g = idx[idx >= off] - off
+                hh[g] = (hh[g] ^ signed[cpos[g + off] + t]) * prime
+
+        h = np.full(nc, 2166136261, np.uint32)
+        extend(h, 0)
+        wid = np.array([self.vocab.get(w, -1) for w in words], np.int32)
+        table = np.full((nc, 2 + self.maxn - self.minn), -1, np.int32)  # per character: word id, then n-grams
+        table[:, 0] = np.where(left == nchar[cword], wid[cword], -1)
+        not_eos = ~np.array([w == EOS for w in words], bool)[cword]  # EOS has no subwords
+        for n in range(2, self.maxn + 1):
+            extend(h, n - 1)
+            if n < self.minn:
+                continue
+            gid = (h % np.uint32(self.bucket)).astype(np.int32)
+            if self.prune_size > 0:
+                gid = self.prune[gid]
+            elif self.prune_size == 0:
+                gid[:] = -1
+            ok = (left >= n) & (gid >= 0) & not_eos
+            table[:, 1 + n - self.minn] = np.where(ok, gid + self.nwords, -1)
         keep = table >= 0
-        return table[keep], owner[keep]
+        return table[keep].astype(np.int64), np.broadcast_to(cword[:, None], table.shape)[keep]
 
     # ---------------------------------------------------------------- hidden vectors, then the tree
     def hidden(self, words: list[list[str]]) -> np.ndarray:
@@ -203,12 +208,12 @@ class HsTop1:
         return out * (1.0 / per_line).astype(np.float32)[:, None]
 
     def _expf(self, x: np.ndarray) -> np.ndarray:
-        return _to_f32_exactly(np.exp(x.astype(np.float64)), self.libm.expf, x, 2.0**-30)
+        return _to_f32_exactly(np.exp(x.astype(np.float64)), self.libm.expf, x, 23)  # glibc: 2**-34 relative
 
     def _std_log(self, x: np.ndarray) -> np.ndarray:
         """loss.cc std_log(real x) = log(x + 1e-5) in double, returned as float."""
         y = x.astype(np.float64) + 1e-5
-        return _to_f32_exactly(np.log(y), self.libm.log, y, 2.0**-40)
+        return _to_f32_exactly(np.log(y), self.libm.log, y, 4)  # double log: within an ulp or two
 
     def predict(self, lines: list[str]) -> tuple[list[str], np.ndarray]:
         """Per line the top label (without __label__) and its float32 probability, as fastText gives."""
