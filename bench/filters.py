@@ -113,7 +113,7 @@ class _ReferenceLanguageId:
         from operators.fasttext_ops import predict_language
 
         fast = self.fast
-        saved, fast.predict = fast.predict, lambda texts: predict_language(fast._model, texts, fast.max_chars)
+        saved, fast.predict = fast.predict, lambda texts: predict_language(fast.model, texts, fast.max_chars)
         try:
             return fast(table)
         finally:

