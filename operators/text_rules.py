@@ -76,7 +76,12 @@ _C4_SENTENCE = re.compile(r"[.!?]+(?:\s|$)")
 _FINEWEB_END = (".", "'", '"', "!", "?")
 # Box-drawing characters are table layout, not text: every rule sees them as spaces.
 _LAYOUT = str.maketrans({c: " " for c in range(0x2500, 0x2580)})
+# ASCII tables and rules draw the same lines with runs of one character ("+-----+", "=====")
+_ASCII_RULE_RE = re.compile(r"([-=_~*+])\1{2,}")
+_ASCII_RULES = ("---", "===", "___", "~~~", "***", "+++")
 _REPL_PROMPT = re.compile(r"^[ \t]*\.\.\.(?=\s|$)", re.M)  # Python's "... " continuation prompt: no ellipsis
+# metasyntax, not an ellipsis: a repeatable argument ("[FILE...]", "OPTIONS...)"), a placeholder ('...')
+_METASYNTAX_DOTS = re.compile(r"\.\.\.(?=[\])}>])|(?<=['\"])\.\.\.(?=['\"])")
 _MIX, _WORDLIKE_RE = NGRAM_HASH_MIX, WORDLIKE_RE  # old names, until ngram_repetition imports operators.words
 
 
@@ -146,6 +151,9 @@ class TextRuleParams(BaseModel):
         CODE_LINE_FRAC, description="text with this share of code-laid-out lines is code: skips the dup-line and document rules"
     )
     line_rules_min_lines: int = Field(3, description="texts with fewer lines skip the bullet and ellipsis line rules")
+    bullet_line_width: int | None = Field(
+        None, description="the bullet rule counts a line as the lines it wraps to at this width (None: one line)"
+    )
     cjk_ngram_scale: int = Field(
         2, description="CJK text: this many characters count as one word (word counts, n-gram lengths)"
     )
@@ -178,10 +186,11 @@ def _char_run_pattern(k: int) -> str:
 
 
 def ellipsis_count(text: str) -> int:
-    """'...' and '…' in the text, but not Python's '... ' continuation prompt at a line start."""
+    """'...' and '…' in the text, but not Python's '... ' continuation prompt at a line start, nor
+    synopsis metasyntax ('[FILE...]', a quoted '...' placeholder)."""
     n = text.count("...")
-    if n:
-        n -= len(_REPL_PROMPT.findall(text))
+    if n:  # (the three kinds never overlap, so the subtraction is exact)
+        n -= len(_REPL_PROMPT.findall(text)) + len(_METASYNTAX_DOTS.findall(text))
     return n + text.count("…")
 
 
@@ -239,6 +248,21 @@ def _stop_key(word: str) -> str:
 _lines = nonempty_lines
 
 
+def _text_lines(lines: list[str]) -> list[str]:
+    """The lines that hold a letter or digit: a line of rules or connectors ("+    +", "  |") is layout,
+    not a line of text that repeats (the duplicate-line rules)."""
+    return [ln for ln in lines if _ALNUM_RE.search(ln)]
+
+
+_ALNUM_RE = re.compile(r"[^\W_]")
+
+
+def _line_count(line: str, p: TextRuleParams) -> int:
+    """Lines `line` takes when wrapped at `bullet_line_width` (a paragraph written on one line is several
+    lines of a page: a bulleted item of three sentences is one bullet line in four, not one in one)."""
+    return -(-len(line) // p.bullet_line_width) if p.bullet_line_width else 1
+
+
 def _paragraphs(text: str) -> list[str]:
     """Paragraphs: text between blank lines."""
     return [q for q in re.split(r"\n\s*\n", text) if q.strip()]
@@ -291,7 +315,7 @@ def _covered_chars(words: list[str], starts: list[int], n: int) -> int:
 
 def reference_reason(text: str, lang: str | None = None, p: TextRuleParams = GOPHER_DEFAULTS) -> str:
     """The first rule that fires on `text`, every rule written as its definition ("" if none fires)."""
-    text = text.translate(_LAYOUT)
+    text = _ASCII_RULE_RE.sub(lambda m: " " * len(m.group()), text.translate(_LAYOUT))
     if not text.strip():
         return ""
     if p.max_zero_run is not None and "0" * (p.max_zero_run + 1) in text:
@@ -307,7 +331,7 @@ def reference_reason(text: str, lang: str | None = None, p: TextRuleParams = GOP
         return "symbol_soup"
     if is_code(text, p):
         return ""  # the duplicate-line and document rules are for prose
-    for unit, parts in (("para", _paragraphs(text)), ("line", _lines(text))):
+    for unit, parts in (("para", _paragraphs(text)), ("line", _text_lines(_lines(text)))):
         seen, n_dup, c_dup = set(), 0, 0
         for part in parts:
             if part in seen:
@@ -352,7 +376,8 @@ def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRule
     lines = _lines(text)
     short = len(lines) < p.line_rules_min_lines
     if p.max_bullet_lines_frac is not None and not short and \
-            sum(bool(_BULLET_RE.match(ln)) for ln in lines) / len(lines) > p.max_bullet_lines_frac:
+            sum(bool(_BULLET_RE.match(ln)) for ln in lines) / sum(_line_count(ln, p) for ln in lines) \
+            > p.max_bullet_lines_frac:
         return "bullet_lines"
     if p.max_ellipsis_lines_frac is not None and not short and \
             sum(ln.rstrip().endswith(_ELLIPSES) for ln in lines) / len(lines) > p.max_ellipsis_lines_frac:
@@ -443,7 +468,10 @@ def _line_reason(text: str, lines: list[str], p: TextRuleParams) -> tuple[str, f
         elif p.dup_para_char_frac is not None and c_dup / len(text) > p.dup_para_char_frac:
             reason = "dup_para_char_frac"
         n_dup, c_dup = _dup_count_chars(lines)
-        line_frac, line_char_frac = n_dup / len(lines), c_dup / len(text)
+        if n_dup:  # a repeat may be layout: count again without the lines that hold no letter or digit
+            lines = _text_lines(lines)
+            n_dup, c_dup = _dup_count_chars(lines)
+        line_frac, line_char_frac = (n_dup / len(lines) if lines else 0.0), c_dup / len(text)
     else:
         line_frac = line_char_frac = 0.0
     if not reason:
@@ -592,8 +620,8 @@ def _gopher_reason(text: str, words: list[str], lines: list[str], n_chars: int, 
             return "many_ellipses"
     if len(lines) < p.line_rules_min_lines:
         pass
-    elif p.max_bullet_lines_frac is not None and \
-            sum(1 for ln in lines if _BULLET_RE.match(ln)) / len(lines) > p.max_bullet_lines_frac:
+    elif p.max_bullet_lines_frac is not None and sum(1 for ln in lines if _BULLET_RE.match(ln)) \
+            / (sum(_line_count(ln, p) for ln in lines) if p.bullet_line_width else len(lines)) > p.max_bullet_lines_frac:
         return "bullet_lines"
     elif p.max_ellipsis_lines_frac is not None and ("..." in text or "…" in text):
         if sum(1 for ln in lines if ln.rstrip().endswith(_ELLIPSES)) / len(lines) > p.max_ellipsis_lines_frac:
@@ -627,6 +655,8 @@ def analyze(text: str, p: TextRuleParams, lang: str | None = None, char_re: re.P
     is_ascii = text.isascii()
     if not is_ascii and _BOX_RE.search(text):
         text = text.translate(_LAYOUT)
+    if any(r in text for r in _ASCII_RULES):
+        text = _ASCII_RULE_RE.sub(lambda m: " " * len(m.group()), text)
     if not text or text.isspace():
         return "", scores
     if char_re is None and p.max_char_run is not None:
