@@ -97,52 +97,32 @@ class _ReferenceTextRules:
         return v
 
 
-class _ReferenceLanguageId:
+def _plain_language_id(fast):
     """language_id with fastText's own predict (operators.fasttext_ops.predict_language): what the
     operator's numpy recomputation (operators.fasttext_lid.HsTop1) must give bit for bit."""
+    from operators.fasttext_ops import LanguageId, predict_language
 
-    name = "language_id"
+    class PlainLanguageId(LanguageId):
+        def predict(self, texts):
+            return predict_language(self.model, texts, self.max_chars)
 
-    def __init__(self, fast):
-        self.fast = fast
-
-    def setup(self) -> None:
-        self.fast.setup()
-
-    def __call__(self, table):
-        from operators.fasttext_ops import predict_language
-
-        fast = self.fast
-        saved, fast.predict = fast.predict, lambda texts: predict_language(fast.model, texts, fast.max_chars)
-        try:
-            return fast(table)
-        finally:
-            fast.predict = saved
+    return PlainLanguageId(**fast.params.model_dump())
 
 
-class _ReferenceNgram:
+def _plain_ngram(fast):
     """ngram_repetition with the plain definition (repetition_ratio_reference) for every ratio."""
+    import numpy as np
 
-    name = "ngram_repetition"
+    from operators.ngram_repetition import NgramRepetition, repetition_ratio_reference
 
-    def __init__(self, fast):
-        self.fast = fast
+    class PlainNgram(NgramRepetition):
+        def ratios(self, texts):
+            return np.array([repetition_ratio_reference(t, self.params.n) for t in texts], np.float64)
 
-    def setup(self) -> None:
-        pass
-
-    def __call__(self, table):
-        import operators.ngram_repetition as ng
-
-        saved, ng.repetition_ratio = ng.repetition_ratio, ng.repetition_ratio_reference
-        try:
-            return self.fast(table)
-        finally:
-            ng.repetition_ratio = saved
+    return PlainNgram(**fast.params.model_dump())
 
 
-_REFERENCES = {"text_rules": _ReferenceTextRules, "language_id": _ReferenceLanguageId,
-               "ngram_repetition": _ReferenceNgram}
+_REFERENCES = {"text_rules": _ReferenceTextRules, "language_id": _plain_language_id, "ngram_repetition": _plain_ngram}
 
 
 def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference: bool = False):

@@ -88,10 +88,13 @@ class NgramRepetition(Operator):
     def __init__(self, **params):
         self.params = self.Params(**params)
 
+    def ratios(self, texts: list[str]) -> np.ndarray:
+        return np.array([repetition_ratio(t, self.params.n) for t in texts], np.float64)
+
     def __call__(self, table: pa.Table) -> Verdict:
         p = self.params
         texts = conversation_texts(table, p.turns)
-        ratios = np.array([repetition_ratio(t, p.n) for t in texts], np.float64)
+        ratios = self.ratios(texts)
         verdict = Verdict.keep_all(len(ratios), {"score_ngram_repetition": ratios})
         decision = REJECT if p.action == "reject" else REVIEW
         over = ratios > p.max_ratio
