@@ -354,16 +354,18 @@ def reference_reason(text: str, lang: str | None = None, p: TextRuleParams = GOP
     return ""
 
 
-def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRuleParams) -> str:
-    n = len(words)
-    if p.min_words is not None and word_count(words, cjk, p) < p.min_words:
+def _gopher_counts_reason(text: str, n: int, n_count: int, n_chars: int, cjk: bool, p: TextRuleParams,
+                          stats: dict) -> str:
+    """Gopher's word-count, mean-word-length, '#' and '...' rules (A.1.1), in order, for a text of `n`
+    words (`n_count` for the count rules) holding `n_chars` chars; puts the mean word length in `stats`."""
+    if p.min_words is not None and n_count < p.min_words:
         return "few_words"
-    if p.max_words is not None and word_count(words, cjk, p) > p.max_words:
+    if p.max_words is not None and n_count > p.max_words:
         return "many_words"
     if not n:
         return ""
+    stats["mean_word_len"] = mean = n_chars / n
     if not cjk:
-        mean = sum(len(w) for w in words) / n
         if p.min_mean_word_len is not None and mean < p.min_mean_word_len:
             return "short_mean_word"
         if p.max_mean_word_len is not None and mean > p.max_mean_word_len:
@@ -373,6 +375,14 @@ def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRule
             return "many_hashes"
         if ellipsis_count(text) / n > p.max_symbol_word_ratio:
             return "many_ellipses"
+    return ""
+
+
+def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRuleParams) -> str:
+    n = len(words)
+    reason = _gopher_counts_reason(text, n, word_count(words, cjk, p), sum(len(w) for w in words), cjk, p, {})
+    if reason or not n:
+        return reason
     lines = _lines(text)
     short = len(lines) < p.line_rules_min_lines
     if p.max_bullet_lines_frac is not None and not short and \
@@ -601,23 +611,9 @@ def _gopher_reason(text: str, words: list[str], lines: list[str], n_chars: int, 
     """Gopher quality then repetition, in reference order, given the text's words, non-empty lines
     and the chars of its words; fills `stats` with the score columns."""
     n, n_count = len(words), word_count(words, cjk, p)
-    if p.min_words is not None and n_count < p.min_words:
-        return "few_words"
-    if p.max_words is not None and n_count > p.max_words:
-        return "many_words"
-    if not n:
-        return ""
-    stats["mean_word_len"] = mean = n_chars / n
-    if not cjk:
-        if p.min_mean_word_len is not None and mean < p.min_mean_word_len:
-            return "short_mean_word"
-        if p.max_mean_word_len is not None and mean > p.max_mean_word_len:
-            return "long_mean_word"
-    if p.max_symbol_word_ratio is not None:
-        if hash_count(text, p) / n > p.max_symbol_word_ratio:
-            return "many_hashes"
-        if ellipsis_count(text) / n > p.max_symbol_word_ratio:
-            return "many_ellipses"
+    reason = _gopher_counts_reason(text, n, n_count, n_chars, cjk, p, stats)
+    if reason or not n:
+        return reason
     if len(lines) < p.line_rules_min_lines:
         pass
     elif p.max_bullet_lines_frac is not None and sum(1 for ln in lines if _BULLET_RE.match(ln)) \

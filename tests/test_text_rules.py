@@ -21,12 +21,14 @@ from operators.text_rules import (
     GOPHER_DEFAULTS,
     TextRuleParams,
     analyze,
+    ellipsis_count,
     gopher_decide,
     is_mostly_cjk,
     max_sentence_words,
     reference_reason,
     words_of,
 )
+from operators.words import CODE_LINE_RE, is_code_line
 from pipeline.curate_config import bundled_config
 from pipeline.schema import rows_to_table
 
@@ -272,7 +274,8 @@ def test_shipped_excerpts_pass_like_the_installed_text():
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["a", "bb", "ccc", "the", "cat", "sat", ",", ".", "图", "书", "#", "...", "\n",
-                                 "\n\n", "- x", "0" * 25, "=" * 90, "!" * 79, "!", "il", "di", "#tag", "# c", "7"]),
+                                 "\n\n", "- x", "0" * 25, "=" * 90, "!" * 79, "!", "il", "di", "#tag", "# c", "7",
+                                 "[F...]", "+---+", "|", "• " + "w" * 90]),
                 min_size=0, max_size=160),
        st.sampled_from([None, "", "en", "it", "zh", "ru"]),
        st.sampled_from(["default", "gopher", "all_sets", "config"]))
@@ -281,7 +284,7 @@ def test_fast_rules_decide_exactly_like_the_plain_definitions(words, lang, which
     p = {"default": TextRuleParams(), "gopher": GOPHER_DEFAULTS,
          "all_sets": TextRuleParams(doc_min_words=5, rule_sets=["gopher", "c4", "fineweb"]),
          "config": TextRuleParams(**{**_default_text_rule_params(), "alpha_min_words": 60, "ngram_min_words": 60,
-                                     "stop_words_min_words": 30})}[which]
+                                     "stop_words_min_words": 30, "doc_min_words": 20})}[which]
     text = " ".join(words)
     assert analyze(text, p, lang)[0] == reference_reason(text, lang, p)
 
@@ -408,3 +411,37 @@ def test_ngram_repetition_has_a_code_threshold():
     assert list(v.decision) == [KEEP, REVIEW, KEEP]
     v = build_operator({"op": "ngram_repetition"})(rows_to_table([sample(code)]))
     assert list(v.decision) == [REVIEW]  # InternVL's 0.4 for every text when code_max_ratio is unset
+
+
+# ---------------------------------------------------------------- issue 15: fixes found on held-out draws
+def test_ascii_rules_are_layout_not_symbols_nor_repeated_lines():
+    diagram = "".join(f"+-----------+\n| {name:9s} |\n+-----------+\n      |\n      v\n"  # (Python's socketserver docs)
+                      for name in ("Base", "TCPServer", "UDPServer")) + "class Threading(ThreadingMixIn, UDPServer):\n    pass"
+    p = TextRuleParams()
+    assert analyze(diagram, p)[0] == reference_reason(diagram, None, p) == ""
+    assert analyze(diagram.replace("-", "$"), p)[0] == "symbol_soup"  # the same shape in other symbols is soup
+    boiler = "\n".join(f"Line {i} of the page.\nShare this page" for i in range(8))
+    assert analyze(boiler, p)[0] == "dup_line_frac"  # a repeated line of text still repeats
+
+
+def test_synopsis_metasyntax_is_no_ellipsis():
+    synopsis = "\n".join(f"tool [OPTIONS...] command{i} [FILE...] {{ ... }} '...'" for i in range(30))
+    assert ellipsis_count(synopsis) == 30  # only the '{ ... }' ones: a repeatable argument is no ellipsis
+    teaser = " ".join(w + ("..." if i % 3 == 0 else "") for i, w in enumerate(PROSE.split()))
+    assert analyze(teaser, TextRuleParams())[0] == "many_ellipses"
+
+
+def test_bulleted_paragraphs_are_not_a_bullet_list():
+    items = [f"• {sentence.strip()}." for sentence in PROSE.split(".") if sentence.strip()]  # 100-200 chars each
+    p = TextRuleParams(bullet_line_width=80)
+    assert analyze("\n\n".join(items), p)[0] == reference_reason("\n\n".join(items), None, p) == ""
+    assert analyze("\n\n".join(items), TextRuleParams())[0] == "bullet_lines"  # the paper's one line per line
+    short = "\n".join(f"- {' '.join(PROSE.split()[i:i + 5])}" for i in range(0, 80, 5))
+    assert analyze(short, p)[0] == reference_reason(short, None, p) == "bullet_lines"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(" \t\x0b\x1c\u3000ab#/>.$ {}();:,[]\\=x")), min_size=1, max_size=12))
+def test_code_line_test_equals_its_pattern(line):
+    if line.strip() and "\n" not in line:
+        assert is_code_line(line) == bool(CODE_LINE_RE.search(line))
