@@ -1,4 +1,4 @@
-"""Heuristic text rules: InternVL 2.5's three (REFERENCE.md "Data filtering", paper §4.3), symbol soup,
+"""Heuristic text rules: InternVL 2.5's three (arXiv 2412.05271 §4.3, data filtering), symbol soup,
 and document rule sets: Gopher's quality + repetition rules by the paper's own definitions (Rae et al.
 2021, "Scaling Language Models", appendix A.1.1 and Table A1), with the C4 (Raffel et al. 2020 §2.2)
 and FineWeb (Penedo et al. 2024; DataTrove's FineWebQualityFilter) rule sets as options.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
@@ -37,7 +39,7 @@ from operators.words import (
 
 GOPHER_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])  # Rae et al. A.1.1
 # Frequent function words per fastText language code (ours; the paper gives only English's eight).
-STOP_WORDS: dict[str, frozenset[str]] = {
+STOP_WORDS: Mapping[str, frozenset[str]] = MappingProxyType({
     "en": GOPHER_STOP_WORDS,
     "de": frozenset("der die das und ist zu den mit von nicht ein eine sich auf für im dem des".split()),
     "fr": frozenset("de la le et les des en un une du que est pour qui dans pas au sur ne".split()),
@@ -54,15 +56,14 @@ STOP_WORDS: dict[str, frozenset[str]] = {
                     "這們個說會著為與對時將從之而其於無也者"  # modern function words, traditional forms
                     "一人自无此来去下乎兮矣焉哉"),  # the commonest characters of classical verse
     "ja": frozenset("のにはをたがでてとしもないかるれ"),
-}
+})
 CJK_LANGS = frozenset(["zh", "ja", "yue", "wuu"])  # written without spaces: one character = one word
 _ALL_STOP = frozenset().union(*STOP_WORDS.values())
 _CJK_STOP = STOP_WORDS["zh"] | STOP_WORDS["ja"]
 
-_CJK = CJK_CHARS
-_CJK_RE = re.compile(f"[{_CJK}]")
+_CJK_RE = re.compile(f"[{CJK_CHARS}]")
 # a katakana run (loanwords: one word), a Han/hiragana character, or a spaced chunk between them
-_CJK_WORD_RE = re.compile(rf"[\u30a0-\u30ff]+|[{_CJK}]|[^\s{_CJK}]+")
+_CJK_WORD_RE = re.compile(rf"[\u30a0-\u30ff]+|[{CJK_CHARS}]|[^\s{CJK_CHARS}]+")
 _LETTER_RE = re.compile(r"[^\W\d_]")  # "at least one alphabetic character" (A.1.1)
 _NO_LETTER_WORD_RE = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")  # a whitespace word without a letter
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n")
@@ -82,7 +83,6 @@ _ASCII_RULES = ("---", "===", "___", "~~~", "***", "+++")
 _REPL_PROMPT = re.compile(r"^[ \t]*\.\.\.(?=\s|$)", re.M)  # Python's "... " continuation prompt: no ellipsis
 # metasyntax, not an ellipsis: a repeatable argument ("[FILE...]", "OPTIONS...)"), a placeholder ('...')
 _METASYNTAX_DOTS = re.compile(r"\.\.\.(?=[\])}>])|(?<=['\"])\.\.\.(?=['\"])")
-_MIX, _WORDLIKE_RE = NGRAM_HASH_MIX, WORDLIKE_RE  # old names, until ngram_repetition imports operators.words
 
 
 class TextRuleParams(BaseModel):
