@@ -112,13 +112,13 @@ class HsTop1:
         return [t for t in line.translate(_SEPARATORS).split(" ") if t]
 
     @staticmethod
-    def _get_line(words: list[str]) -> list[str]:
-        """Dictionary::getLine's tokens of `words` + '\\n': up to the first EOS, which ends them; labels dropped."""
-        joined = " ".join(words)  # one substring test instead of one per word
-        if EOS in joined and EOS in words:
-            words = words[: words.index(EOS)]
-        words = [*words, EOS]
-        return [t for t in words if not t.startswith("__label__")] if "__label__" in joined else words
+    def _get_line(words: list[str], line: str) -> list[str]:
+        """Dictionary::getLine's tokens of `words` (those of `line`) + '\\n': up to the first EOS, which
+        ends them; labels dropped. `words` is extended in place."""
+        if EOS in line and EOS in words:  # a substring test on the line first: no word has one it lacks
+            del words[words.index(EOS) :]
+        words.append(EOS)
+        return [t for t in words if not t.startswith("__label__")] if "__label__" in line else words
 
     def _add_words(self, new: list[str]) -> None:
         """Row ids of the words just given slots, as Dictionary::getSubwords computes them, to the buffer."""
@@ -175,12 +175,13 @@ class HsTop1:
         return table[keep].astype(np.int64), np.broadcast_to(cword[:, None], table.shape)[keep]
 
     # ---------------------------------------------------------------- hidden vectors, then the tree
-    def hidden(self, words: list[list[str]]) -> np.ndarray:
-        """Model::computeHidden per line (given as its words): the row average, in fastText's order (float32)."""
+    def hidden(self, words: list[list[str]], lines: list[str]) -> np.ndarray:
+        """Model::computeHidden per line (its words, changed in place, and the line or any text holding
+        them): the row average, in fastText's order (float32)."""
         if len(self.slot) > self.max_words:
             self.slot.clear()
             self.starts, self.lens, self.buf = (np.zeros(0, np.int64) for _ in range(3))
-        toks = [self._get_line(ws) for ws in words]
+        toks = [self._get_line(ws, line) for ws, line in zip(words, lines)]
         self.slot.new = []
         ks = np.fromiter(map(self.slot.__getitem__, itertools.chain.from_iterable(toks)), np.int64)
         if self.slot.new:
@@ -217,14 +218,15 @@ class HsTop1:
 
     def predict(self, lines: list[str]) -> tuple[list[str], np.ndarray]:
         """Per line the top label (without __label__) and its float32 probability, as fastText gives."""
-        return self.predict_words([self.line_words(line) for line in lines])
+        return self.predict_words([self.line_words(line) for line in lines], lines)
 
-    def predict_words(self, words: list[list[str]]) -> tuple[list[str], np.ndarray]:
-        """predict() of lines given as their words (line_words)."""
+    def predict_words(self, words: list[list[str]], texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """predict() of lines given as their words (line_words; the lists are changed) and for each a text
+        that holds them (the line, or the text it was made from)."""
         n = len(words)
         if n == 0:
             return [], np.zeros(0, np.float32)
-        hid = self.hidden(words)
+        hid = self.hidden(words, texts)
         osz = self.osz
         dot = np.zeros((n, osz - 1), np.float32)
         for j in range(hid.shape[1]):  # DenseMatrix::dotRow: d += w[j] * h[j], in order, in float32

@@ -112,14 +112,15 @@ class LanguageId(FasttextOperator):
         if self.top1 is None:
             return predict_language(self.model, texts, self.max_chars)
         # the words of one_line's line without building it: fastText splits it on ' ' and '\0' only
-        words = [t[: self.max_chars].split() for t in texts]
-        for i, t in enumerate(texts):
-            if "\0" in t[: self.max_chars]:
+        cut = [t[: self.max_chars] for t in texts]
+        words = [t.split() for t in cut]
+        empty = np.array([not ws for ws in words], bool)  # one_line's line is "" (a line of "\0" is not)
+        for i, t in enumerate(cut):
+            if "\0" in t:
                 words[i] = [x for w in words[i] for x in w.split("\0") if x]
-        langs, prob = self.top1.predict_words(words)
-        empty = np.array([not ws for ws in words], bool)
+        langs, prob = self.top1.predict_words(words, cut)
         conf = np.where(empty, 0.0, np.minimum(1.0, prob.astype(np.float64)))
-        return [lang if ws else "" for lang, ws in zip(langs, words)], conf
+        return [lang if not e else "" for lang, e in zip(langs, empty)], conf
 
     def __call__(self, table: pa.Table) -> Verdict:
         self.setup()

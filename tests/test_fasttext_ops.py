@@ -93,7 +93,7 @@ def lid():
 
 # what fastText's tokenizer and subwords make special: its separators, EOS inside a line, label-like
 # words, 2- to 4-byte UTF-8, combining marks, a word longer than any n-gram, an empty text
-EDGE_TEXTS = ["", " ", "</s>", "one </s> two three", "__label__en is a label", "a\0b c", "tab\tand\x0bvt\x0cff\rcr",
+EDGE_TEXTS = ["", " ", "\0", " \0 \0", "</s>", "one </s> two three", "__label__en is a label", "a\0b c", "tab\tand\x0bvt\x0cff\rcr",
               "x" * 3000, "naïve café — “quotes” …", "é" * 5, "e\u0301\u0301 combining", "😀🎉 emoji 𝔘𝔫𝔦",
               "日本語のテキストです。", "한국어 문장입니다", "ع" * 7 + " مرحبا بالعالم", "\u3000ideographic\xa0space"]
 
