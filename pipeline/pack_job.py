@@ -9,17 +9,22 @@ layout is a pure function of the inputs, never of the cluster). Then:
    the marker pack-tokens-<i>); rows that cannot be packed -> OUT/rejected/rejected-<p>-<k>.parquet
    with `reject_reason` (`pack:<rule>`); the rest -> Select -> Search -> Pack -> Maintain with the
    partition's own bounded buffers -> OUT/kept/pack-<p>-<k>.parquet. At the end the open buffers and
-   the reserve are repacked first-fit decreasing (operators/packing/repack.py; a partition of at most
-   256 packs' worth is packed whole, `Packer`); the packs that reach 99% of a budget are written, the
-   rest (a few per partition) go, as pieces, to OUT/_tail/<p>.parquet.
-   Its marker pack-part-<p> (counts, fill histogram, the files it wrote) is written last.
-2. `ivl-pack:tail`, one task: every partition's tail pieces, in partition order, repacked first-fit
-   decreasing -> OUT/kept/pack-tail-<k>.parquet, marker pack-tail. So a small dataset ends as close
+   the reserve are repacked (operators/packing/repack.py `pack_offline`: first-fit decreasing, a local
+   search, and where nothing follows an exact search; a partition of at most 256 packs' worth is
+   packed whole, `Packer`); the packs that reach 99% of a budget are written, the rest (a few per
+   partition) go, as pieces, to OUT/_tail/<p>.parquet. Its marker pack-part-<p>, a pipeline/jobs.py
+   `Marker` (input counted from its files' footers, kept, rejected with reasons, CPU seconds per
+   stage, the files it wrote; in `extra` the fill histogram and the (tokens, tiles) histogram of its
+   pieces), is written last.
+2. `ivl-pack:tail`, one task: every partition's tail pieces, in partition order, repacked by
+   `pack_offline` (exact search included) -> OUT/kept/pack-tail-<k>.parquet, marker pack-tail. So a small dataset ends as close
    to its lower bound as one whole-dataset repack would, and a large one pays at most a pack or two.
    (One task: at 10^4 partitions it holds ~10^4 sparse packs' pieces; a tree of tail merges is the
    next step past that.)
-3. The driver lists and stats the inputs, submits the tasks and merges their markers into
-   report/summary.json and report/pack_fill.png. It holds no rows and reads no image bytes.
+3. The driver lists and stats the inputs (row counts from the Parquet footers, `jobs.plan_units`),
+   submits the tasks and merges their markers (`jobs.merge`, `jobs.check_accounting`) into
+   report/summary.json and report/pack_fill.png; the lower bound (operators/packing/bounds.py) comes
+   from the merged size histograms. It holds no rows and reads no image bytes.
 
 Select drops the pieces of a split sample that have no supervised token (InternVL's `check_valid`;
 a pack of them gives a loss denominator of 0), counted as `pieces_without_answer`; a row with no
@@ -79,6 +84,7 @@ from operators.packing import (
 )
 from operators.packing.bounds import lower_bound, volume_bound
 from operators.packing.format import packs_to_table
+from operators.packing.repack import EXACT_NODES
 from pipeline.io import (
     abspath,
     atomic_write_bytes,
@@ -241,7 +247,7 @@ def tail_path(out_dir: str, index: int) -> str:
 TAIL_KEY, PLAN_KEY = "pack-tail", "pack-plan"
 
 
-def _empty_tokens() -> pa.Table:
+def empty_tokens() -> pa.Table:
     return pa.schema([("id", pa.string()), *TOKEN_COLUMNS.items()]).empty_table()
 
 
@@ -377,7 +383,7 @@ def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter) -> pa.T
         tok = WORKER_TOKENIZERS.get(spec["tok_dir"], spec["tok_digest"])
         b = spec["batch_size"]
         parts = [tokenize_table(table.slice(k, b), tok, **spec["tokenize"]) for k in range(0, table.num_rows, b)]
-        joined = pa.concat_tables(parts) if parts else _with_token_columns(table, _empty_tokens())
+        joined = pa.concat_tables(parts) if parts else _with_token_columns(table, empty_tokens())
     with _cpu(counts, "cache"):
         cache = joined.select(["id", *TOKEN_COLUMNS])
         write_parquet_fast(cache, tokens_path(out, index))
@@ -495,7 +501,9 @@ def pack_partition(spec: dict) -> dict:
     # tokenize_table rejected every row no cut can fit, so on_reject stays unset: a miss raises.
     stream = select_samples([_pieces(tables, rejected, counts)], seed=spec["seed"], max_tokens=max_tokens,
                             max_tiles=max_tiles, on_drop=dropped)
-    packer = Packer(max_tokens, max_tiles, buffer_size=spec["buffer_size"], mode=spec["mode"])
+    # the exact search only where nothing follows: one partition, or the tail (repack.py pack_partitioned)
+    packer = Packer(max_tokens, max_tiles, buffer_size=spec["buffer_size"], mode=spec["mode"],
+                    exact_nodes=EXACT_NODES if spec["partitions"] == 1 else 0)
     stats = _PackStats(max_tokens, max_tiles)
     _write_packs(pack_stream(_count_splits(stream, counts), packer, finish=False), kept, stats)
     last, tail = packer.finish(), []
@@ -600,7 +608,7 @@ def _remove_unnamed(folder: str, names: set[str]) -> None:
             remove(f)
 
 
-def _cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_tiles, verify_images) -> dict:
+def cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_tiles, verify_images) -> dict:
     """Everything the token cache depends on (see the module docstring)."""
     digest = hashlib.sha256()
     tok_dir = local_dir(tok_dir)  # a saved tokenizer on any storage, read as local files
@@ -652,7 +660,7 @@ def run_pack(
     with staged_dir(tok_dir) as d:  # HF writes local files; they are committed to OUT/tokenizer
         tok.save_pretrained(d)
 
-    args = _cache_args(files, tok_dir, system_prompt, max_tokens, max_tiles, verify_images)
+    args = cache_args(files, tok_dir, system_prompt, max_tokens, max_tiles, verify_images)
     token_fp, done = resume_state(out_dir, args, len(files))
     parts = plan_partitions([size for _, size, _ in args["inputs"]], partition_bytes)
     plan = {"tokens": token_fp, "mode": mode, "seed": seed, "buffer_size": buffer_size, "rows_per_shard": rows_per_shard,
@@ -680,7 +688,8 @@ def run_pack(
             ray.init(ignore_reinit_error=True)
         task = _remote(pack_partition)
         refs = {p: task.remote({**spec, "index": p, "shards": [(i, files[i]) for i in parts[p]],
-                                "rows": sum(units[i].rows for i in parts[p])}) for p in todo}
+                                "rows": sum(units[i].rows for i in parts[p]), "partitions": len(parts)})
+                for p in todo}
         for p, ref in refs.items():
             done_p = ray.get(ref)
             markers[p] = Marker.from_json(done_p["marker"])

@@ -22,7 +22,7 @@ from pipeline.ingest import run_ingest
 from pipeline.io import read_marker, write_parquet_atomic
 from pipeline.pack_job import (
     TAIL_KEY,
-    _cache_args,
+    cache_args,
     part_key,
     plan_partitions,
     resume_state,
@@ -83,7 +83,7 @@ def test_resume_state_keeps_matching_shards_and_drops_a_stale_cache(tmp_path, ca
     fp, done = resume_state(out, args, 3)
     assert done == [] and read_marker(out, "pack-args")["args"] == args
     for i in (0, 2):  # shards 0 and 2 were tokenized; 1 has a cache file but no marker (killed in between)
-        write_parquet_atomic(pack_job._empty_tokens(), tokens_path(out, i))
+        write_parquet_atomic(pack_job.empty_tokens(), tokens_path(out, i))
     pack_job.write_marker(out, tokens_key(0), {"rows": 0, "fingerprint": fp})
     pack_job.write_marker(out, tokens_key(2), {"rows": 0, "fingerprint": fp})
     assert resume_state(out, args, 3) == (fp, [0, 2])
@@ -103,16 +103,16 @@ def test_cache_args_change_with_the_inputs_and_the_tokenizer(tmp_path, tok):
     tok_dir = str(tmp_path / "tok")
     tok.save_pretrained(tok_dir)
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    write_parquet_atomic(pack_job._empty_tokens(), str(a))
-    write_parquet_atomic(pack_job._empty_tokens(), str(b))
-    base = _cache_args([str(a)], tok_dir, None, 4000, 16, False)
-    assert base == _cache_args([str(a)], tok_dir, None, 4000, 16, False)  # stable
-    assert _cache_args([str(a), str(b)], tok_dir, None, 4000, 16, False)["inputs"] != base["inputs"]
+    write_parquet_atomic(pack_job.empty_tokens(), str(a))
+    write_parquet_atomic(pack_job.empty_tokens(), str(b))
+    base = cache_args([str(a)], tok_dir, None, 4000, 16, False)
+    assert base == cache_args([str(a)], tok_dir, None, 4000, 16, False)  # stable
+    assert cache_args([str(a), str(b)], tok_dir, None, 4000, 16, False)["inputs"] != base["inputs"]
     os.utime(a, ns=(1, 1))  # the same file rewritten
-    assert _cache_args([str(a)], tok_dir, None, 4000, 16, False)["inputs"] != base["inputs"]
+    assert cache_args([str(a)], tok_dir, None, 4000, 16, False)["inputs"] != base["inputs"]
     with open(os.path.join(tok_dir, "tokenizer_config.json"), "a") as f:
         f.write(" ")
-    assert _cache_args([str(a)], tok_dir, None, 4000, 16, False)["tokenizer"] != base["tokenizer"]
+    assert cache_args([str(a)], tok_dir, None, 4000, 16, False)["tokenizer"] != base["tokenizer"]
 
 
 # ---- whole runs through the local Ray --------------------------------------------------------------

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain
 
 from operators.packing.buffers import BufferList
-from operators.packing.repack import is_nearly_full, pack_offline
+from operators.packing.repack import EXACT_NODES, is_nearly_full, pack_offline
 from operators.packing.sample import Pack, Piece, Record
 
 MODES = ("ivl", "internvl")
@@ -261,6 +261,7 @@ class Packer:
         reserve_size: int = DEFAULT_RESERVE_SIZE,
         reserve_max_tokens: int | None = None,
         hold_packs: int = DEFAULT_HOLD_PACKS,
+        exact_nodes: int = EXACT_NODES,
     ):
         if mode == "ivl":
             self.impl = BestFitPacker(
@@ -272,6 +273,7 @@ class Packer:
             raise ValueError(f"unknown packing mode {mode!r}; known: {', '.join(MODES)}")
         self.mode, self.max_tokens, self.max_tiles = mode, max_tokens, max_tiles
         self.hold_packs = hold_packs if mode == "ivl" else 0
+        self.exact_nodes = exact_nodes  # the end's exact search budget (repack.py); 0: FFD + local search only
         self._start_holding()
 
     def _start_holding(self) -> None:
@@ -315,16 +317,21 @@ class Packer:
 
     def finish(self) -> list[Pack]:
         """The end of a stream: mode "ivl" packs a held stream whole (see the class docstring) or
-        repacks what the streaming packer left first-fit decreasing; "internvl" flushes."""
+        repacks what the streaming packer left (`pack_offline`); "internvl" flushes."""
         if self.held is None:
-            out = self.impl.finish()
+            out = self._finish_stream()
         else:
             held = self.held
-            whole = pack_offline(held, self.max_tokens, self.max_tiles)
-            streamed = self._stop_holding() + self.impl.finish()
+            whole = pack_offline(held, self.max_tokens, self.max_tiles, self.exact_nodes)
+            streamed = self._stop_holding() + self._finish_stream()
             out = min(streamed, whole, key=self._cost)  # the stream on a tie
         self._start_holding()
         return out
+
+    def _finish_stream(self) -> list[Pack]:
+        if self.mode != "ivl":
+            return self.impl.finish()
+        return pack_offline(self.impl.drain(), self.max_tokens, self.max_tiles, self.exact_nodes)
 
 
 def pack_stream(samples: Iterable[Piece | Record], packer: Packer, finish: bool = True) -> Iterator[Pack]:

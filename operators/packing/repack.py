@@ -222,13 +222,15 @@ def pack_partitioned(
 ) -> list[Pack]:
     """The `ivl pack` plan over light records, in one process: each partition streamed through its own
     `Packer` and finished by `pack_offline`, its packs short of `fill` repacked with every other
-    partition's in one tail (pipeline/pack_job.py runs the same steps as Ray tasks). For the benchmark
-    and the property tests."""
+    partition's in one tail (pipeline/pack_job.py runs the same steps as Ray tasks). The exact search
+    runs in the tail, and in a partition only when it is the only one (it sees the whole set; with a
+    tail after it, the tail gets the partition's sparse packs a second time). For the benchmark and the
+    property tests."""
     from operators.packing.packer import Packer
 
     out, tail = [], []
     for recs in partitions:
-        packer = Packer(max_tokens, max_tiles, **packer_kw)
+        packer = Packer(max_tokens, max_tiles, exact_nodes=EXACT_NODES if len(partitions) == 1 else 0, **packer_kw)
         out += packer.add_many(recs)
         full, sparse = split_tail(packer.finish(), max_tokens, max_tiles, fill)
         out += full

@@ -74,7 +74,7 @@ def split_sample(sample: Piece, max_tokens: int, max_tiles: int) -> list[Piece]:
 
     Greedy: each piece takes as many tokens as fit, stopping before the first image block that
     would cross the token budget or the tile budget, so every piece but the last is as full as the
-    image blocks allow. Each piece keeps its slice of the labels (REFERENCE.md, packing step 1)."""
+    image blocks allow. Each piece keeps its slice of the labels (InternVL 2.5 §4.2, Select)."""
     if sample.tokens <= max_tokens and sample.tiles <= max_tiles:
         return [sample]
     spans, tpi, n = sample.image_spans, sample.tiles_per_image, sample.tokens
