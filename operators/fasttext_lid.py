@@ -94,7 +94,7 @@ class HsTop1:
         self.slot = _Slots()  # word -> its row ids' place in the flat buffer (a per-object cache)
         self.starts = np.zeros(0, np.int64)
         self.lens = np.zeros(0, np.int64)
-        self.buf = np.zeros(0, np.int64)
+        self.buf = np.zeros(0, np.int32)  # row ids of every cached word, back to back
 
     @staticmethod
     def supported(model) -> bool:
@@ -172,7 +172,7 @@ class HsTop1:
             ok = (left >= n) & (gid >= 0) & not_eos
             table[:, 1 + n - self.minn] = np.where(ok, gid + self.nwords, -1)
         keep = table >= 0
-        return table[keep].astype(np.int64), np.broadcast_to(cword[:, None], table.shape)[keep]
+        return table[keep], np.broadcast_to(cword[:, None], table.shape)[keep]
 
     # ---------------------------------------------------------------- hidden vectors, then the tree
     def hidden(self, words: list[list[str]], lines: list[str]) -> np.ndarray:
@@ -180,7 +180,7 @@ class HsTop1:
         them): the row average, in fastText's order (float32)."""
         if len(self.slot) > self.max_words:
             self.slot.clear()
-            self.starts, self.lens, self.buf = (np.zeros(0, np.int64) for _ in range(3))
+            self.starts, self.lens, self.buf = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
         toks = [self._get_line(ws, line) for ws, line in zip(words, lines)]
         self.slot.new = []
         ks = np.fromiter(map(self.slot.__getitem__, itertools.chain.from_iterable(toks)), np.int64)

@@ -159,6 +159,11 @@ def test_classifier_separates_man_pages_from_fortunes(two_sets, tmp_path):
     # measured over repeated (hogwild, so not bit-identical) trainings: ~0.95 vs ~0.30 (one fortune reads as man)
     assert scores[:n_test].mean() > 0.8 and scores[n_test:].mean() < 0.45
     assert v.rule[n_test:].count("low_quality") >= 0.8 * n_test
+    # a softmax model is not one HsTop1 reproduces: language_id then uses fastText's own predict
+    lid = LanguageId(model_path=model)
+    lid.setup()
+    (langs, conf), (want_langs, want_conf) = lid.predict(man[k:]), predict_language(lid.model, man[k:])
+    assert lid.top1 is None and langs == want_langs and conf.tolist() == want_conf.tolist()
 
 
 def test_training_survives_a_heap_full_of_nan(tmp_path):
