@@ -5,6 +5,7 @@ rule-set options, and for DataTrove's Gopher, C4 and FineWeb filters side by sid
     python bench/build_rules_eval.py --out /tmp/rules-eval/eval.jsonl
     /tmp/benchenv/bin/python bench/rules_quality.py --eval /tmp/rules-eval/eval.jsonl   # with DataTrove
     .venv/bin/python bench/rules_quality.py                                              # ivl only
+    .venv/bin/python bench/rules_quality.py --eval /tmp/rules-eval/s*/eval.jsonl   # several draws: per draw + pooled
 
 Each item is one conversation (an empty human turn, the item as the assistant turn) run through the
 config's stages in order, as the curate runner does: rejected rows skip the later stages. A hit is a
@@ -132,21 +133,49 @@ def report(title: str, items: list[dict], hits: list[list[str]]) -> dict:
             "worst_precision": worst}
 
 
+def draws(paths: list[str], stages: list[dict]) -> None:
+    """The default config on several draws (build_rules_eval.py --seed N): per draw the review rate,
+    recall and the rules under 98% precision (real hits / all hits), then every rule pooled."""
+    pooled = collections.defaultdict(lambda: [0, 0])
+    for path in paths:
+        header, items = load_eval(path)
+        hits = run_config(items, stages)
+        per_rule = collections.defaultdict(lambda: [0, 0])
+        for it, hs in zip(items, hits):
+            for h in set(hs):
+                per_rule[h][it["label"] != "real"] += 1
+                pooled[h][it["label"] != "real"] += 1
+        real = [bool(h) for it, h in zip(items, hits) if it["label"] == "real"]
+        planted = [bool(h) for it, h in zip(items, hits) if it["label"] != "real"]
+        low = ", ".join(f"{r.split(':')[-1]} {p}/{p + q} ({p / (p + q):.1%})" for r, (q, p) in sorted(per_rule.items())
+                        if p / (p + q) < 0.98)
+        print(f"seed {header.get('seed')}: real flagged {sum(real)} of {len(real)} ({sum(real) / len(real):.2%}), "
+              f"planted caught {sum(planted)} of {len(planted)} ({sum(planted) / len(planted):.1%}); "
+              f"rules < 98% precise (planted hits / hits): {low or 'none'}")
+    print(f"pooled over {len(paths)} draws: rule, hits on real, hits on planted, precision")
+    for rule, (on_real, on_planted) in sorted(pooled.items(), key=lambda kv: (-kv[1][0], -kv[1][1])):
+        print(f"  {rule:40s} {on_real:4d} {on_planted:5d} {on_planted / (on_real + on_planted):8.2%}")
+
+
 def main() -> None:
     import yaml
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval", default="/tmp/rules-eval/eval.jsonl")
+    ap.add_argument("--eval", nargs="+", default=["/tmp/rules-eval/eval.jsonl"],
+                    help="eval sets; with several, the default config per set and pooled per rule")
     ap.add_argument("--config", default=os.path.join(ROOT, "jobs/configs/curate.yaml"))
     ap.add_argument("--examples", type=int, default=0, help="print this many flagged real items per rule")
     args = ap.parse_args()
+    with open(args.config) as f:
+        stages = yaml.safe_load(f)["stages"]
+    if len(args.eval) > 1:
+        return draws(args.eval, stages)
+    args.eval = args.eval[0]
     header, items = load_eval(args.eval)
     real = sum(it["label"] == "real" for it in items)
     langs = collections.Counter(it["lang"] for it in items if it["label"] == "real")
     print(f"eval set: {args.eval}: {real} real items in {len(langs)} languages {dict(langs.most_common())}, "
           f"{len(items) - real} planted defects")
-    with open(args.config) as f:
-        stages = yaml.safe_load(f)["stages"]
     hits = run_config(items, stages)
     summary = report(f"ivl default config ({os.path.relpath(args.config, ROOT)}), no dedup", items, hits)
     ok = summary["real_flagged"] <= 0.05 and summary["caught"] >= 0.90 and summary["worst_precision"] >= 0.98

@@ -129,7 +129,7 @@ class TextRuleParams(BaseModel):
     min_stop_words: int | None = Field(2, description="min distinct stop words of the row's language")
     # Gopher repetition (Rae et al. 2021 Table A1)
     top_ngram_char_frac: dict[int, float] = Field(
-        {2: 0.20, 3: 0.18, 4: 0.16}, description="n -> max char fraction covered by the most frequent n-gram"
+        {2: 0.20, 3: 0.18, 4: 0.16}, description="n -> max char fraction covered by the most frequent n-gram (one that repeats)"
     )
     dup_ngram_char_frac: dict[int, float] = Field(
         {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
@@ -407,8 +407,9 @@ def _reference_gopher(text: str, words: list[str], cjk: bool, stops, p: TextRule
         k *= scale
         grams = [tuple(words[i : i + k]) for i in range(n - k + 1)]
         if grams:
-            top = Counter(grams).most_common(1)[0][0]  # ties: the first to appear
-            if _covered_chars(words, [i for i, g in enumerate(grams) if g == top], k) / total > frac:
+            top, count = Counter(grams).most_common(1)[0]  # ties: the first to appear
+            # an n-gram seen once repeats nothing (a 4-gram of unspaced Japanese paragraphs can be 16%)
+            if count > 1 and _covered_chars(words, [i for i, g in enumerate(grams) if g == top], k) / total > frac:
                 return f"top_{k // scale}_gram"
     for k, frac in sorted(p.dup_ngram_char_frac.items()):
         k *= scale
@@ -575,12 +576,12 @@ def _ngram_reason(words: list[str], p: TextRuleParams, scale: int = 1) -> str:
         if n_words < n:
             continue
         longest = int((cum[n:] - cum[:-n]).max())
-        if cmax is not None and cmax * longest / total <= frac:
+        if cmax is not None and (cmax < 2 or cmax * longest / total <= frac):
             continue  # even cmax occurrences of the longest n-gram would cover too little
         sorted_h = np.sort(hashes(n))
         cmax = _max_run(sorted_h)
-        if cmax * longest / total <= frac:
-            continue
+        if cmax < 2 or cmax * longest / total <= frac:
+            continue  # (the most frequent n-gram must repeat)
         if _coverage(_top_positions(hashes(n), sorted_h, cmax), n, cum) / total > frac:
             return f"top_{rule_n}_gram"
     covered_max = n_copies = None  # at the last n looked at: chars its copies cover (at most), copies
