@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_step import VOCAB, synthetic_row, time_steps  # noqa: E402
+from train_step import VOCAB, synthetic_row, time_steps, varlen_vs_stock  # noqa: E402
 
 from model.build import from_preset  # noqa: E402
 from train import attention as A  # noqa: E402
 from train.loop import peak_flops, step_flops, train_step  # noqa: E402
-from train.loss import PackedLoss, shift_targets, token_weights, weighted_cross_entropy  # noqa: E402
+from train.loss import PackedLoss, shift_targets  # noqa: E402
 from train.stages import (  # noqa: E402
     apply_stage,
     build_optimizer,
@@ -58,7 +58,7 @@ def check_varlen_kernel(device, tokens: int, samples: int, heads: int, kv_heads:
     (out.float() * grad_out.float()).sum().backward()
     got = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = A._per_sample_sdpa(*(t[0].transpose(0, 1) for t in (q32, k32, v32)), cu, scale).unsqueeze(0)
+    ref = A.per_sample_sdpa(*(t[0].transpose(0, 1) for t in (q32, k32, v32)), cu, scale).unsqueeze(0)
     (ref * grad_out.float()).sum().backward()
     want = [ref.detach(), q32.grad, k32.grad, v32.grad]
     err = {
@@ -71,21 +71,9 @@ def check_varlen_kernel(device, tokens: int, samples: int, heads: int, kv_heads:
 def check_model_paths(model, row) -> dict:
     """The packed row through the LLM with varlen vs with stock SDPA's dense block mask."""
     with torch.no_grad(), autocast(row["input_ids"].device):
-        t = shift_targets(row["labels"], row["cu_seqlens"])
-        w = token_weights(t, row["cu_seqlens"], "token")
-        A.set_packed_attention(model, A.VARLEN)
-        h_var = A.packed_hidden_states(model, row).float()
-        ours = float(weighted_cross_entropy(h_var, model.lm_head.weight, t, w) / w.sum())
-        A.set_packed_attention(model, A.SDPA)
+        h_var, ours, stock = varlen_vs_stock(model, row)  # leaves the model in SDPA mode
+        h_var = h_var.float()
         h_sdpa = A.packed_hidden_states(model, row).float()
-        stock = float(
-            model(
-                input_ids=row["input_ids"][None],
-                pixel_values=row["pixel_values"],
-                position_ids=row["position_ids"][None],
-                labels=row["labels"][None],
-            ).loss
-        )
     rel = float((h_var - h_sdpa).abs().max() / h_sdpa.abs().max())
     return {
         "hidden_max_rel_diff": rel,

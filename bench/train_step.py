@@ -75,6 +75,27 @@ def synthetic_row(device, tokens=16_384, samples=8, tiles=16, vocab=VOCAB, image
     }
 
 
+def varlen_vs_stock(model, row) -> tuple[torch.Tensor, float, float]:
+    """Forward only, same weights: (our varlen last hidden states, our token-averaged loss, transformers' stock
+    loss with SDPA and the dense block mask it derives from position_ids). Leaves the model in SDPA mode."""
+    t = shift_targets(row["labels"], row["cu_seqlens"])
+    w = token_weights(t, row["cu_seqlens"], "token")
+    with torch.no_grad():
+        A.set_packed_attention(model, A.VARLEN)
+        h = A.packed_hidden_states(model, row)
+        ours = float(weighted_cross_entropy(h, model.lm_head.weight, t, w) / w.sum())
+        A.set_packed_attention(model, A.SDPA)
+        stock = float(
+            model(
+                input_ids=row["input_ids"][None],
+                pixel_values=row["pixel_values"],
+                position_ids=row["position_ids"][None],
+                labels=row["labels"][None],
+            ).loss
+        )
+    return h, ours, stock
+
+
 def time_steps(fn, warmup, iters, device):
     """Seconds per call of fn after warm-up, and peak GPU memory in GiB (None on CPU)."""
     cuda = device.type == "cuda"
@@ -114,21 +135,7 @@ def gpu_bench(args) -> dict:
     n_tok = sum(seq_lens)
 
     # loss equality on identical weights (forward only): ours with token averaging vs stock
-    with torch.no_grad():
-        A.set_packed_attention(model, A.VARLEN)
-        h = A.packed_hidden_states(model, row)
-        w = token_weights(t, row["cu_seqlens"], "token")
-        ours_loss = float(weighted_cross_entropy(h, model.lm_head.weight, t, w) / w.sum())
-        A.set_packed_attention(model, A.SDPA)
-        stock_loss = float(
-            model(
-                input_ids=row["input_ids"][None],
-                pixel_values=row["pixel_values"],
-                position_ids=row["position_ids"][None],
-                labels=row["labels"][None],
-            ).loss
-        )
-    del h
+    _, ours_loss, stock_loss = varlen_vs_stock(model, row)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)"
     results = {

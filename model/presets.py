@@ -1,4 +1,4 @@
-"""Size presets: the published InternVL 2.5 shapes as transformers' native configs (REFERENCE.md, "Model").
+"""Size presets: the published InternVL 2.5 shapes (arXiv 2412.05271) as transformers' native configs.
 
 Every number comes from a published config, cited per preset:
 - [IVL-1B] OpenGVLab InternVL 2.5/3 1B `config.json` (InternVLChatConfig): vision_config = InternViT-300M-448px-V2_5
@@ -50,6 +50,21 @@ class Preset:
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 _QWEN = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
 _INTERNLM2 = dict(max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1_000_000.0, rope_scaling=2.0)
+# per LLM family: its config fields, published vocabulary (incl. InternVL's 9 tokens) and <IMG_CONTEXT> id
+_FAMILY = {
+    "qwen2": (dict(rope_scaling=2.0, **_QWEN), 151674, 151667),  # Qwen2.5 (dynamic rope x2.0, [IVL-1B])
+    "llama": (_INTERNLM2, 92553, 92546),  # InternLM2.5 as converted to Llama by [HF-CONV]
+}
+
+
+def _internvl25(family: str, notes: str, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int) -> Preset:
+    """A published InternVL 2.5 shape: InternViT-300M + an LLM of `family` with these dimensions."""
+    extra, vocab, image_token = _FAMILY[family]
+    text = dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, **extra)
+    return Preset(vision=INTERNVIT_300M, text=text, text_type=family, vocab_size=vocab, image_token_id=image_token,
+                  notes=notes)
+
 
 PRESETS: dict[str, Preset] = {
     # Tests: a few layers and small widths, but the real 448 / patch 14 geometry so one tile is still
@@ -63,48 +78,12 @@ PRESETS: dict[str, Preset] = {
         tie_word_embeddings=True,
         notes="test-sized; 448px tiles, patch 14, 256 tokens per tile",
     ),
-    "1b": Preset(  # InternVL2.5-1B = InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct [IVL-1B]
-        vision=INTERNVIT_300M,
-        text=dict(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, rope_scaling=2.0, **_QWEN,
-        ),
-        vocab_size=151674,
-        image_token_id=151667,
-        notes="InternViT-300M-448px-V2_5 + Qwen2.5-0.5B",
-    ),
-    "2b": Preset(  # InternVL2.5-2B = InternViT-300M + internlm2_5-1_8b-chat [IVL-2B]
-        vision=INTERNVIT_300M,
-        text=dict(
-            hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
-            num_key_value_heads=8, **_INTERNLM2,
-        ),
-        text_type="llama",
-        vocab_size=92553,
-        image_token_id=92546,
-        notes="InternViT-300M-448px-V2_5 + internlm2_5-1_8b-chat (as Llama)",
-    ),
-    "4b": Preset(  # InternVL2.5-4B = InternViT-300M + Qwen2.5-3B-Instruct [IVL-4B]
-        vision=INTERNVIT_300M,
-        text=dict(
-            hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-            num_key_value_heads=2, rope_scaling=2.0, **_QWEN,
-        ),
-        vocab_size=151674,
-        image_token_id=151667,
-        notes="InternViT-300M-448px-V2_5 + Qwen2.5-3B",
-    ),
-    "8b": Preset(  # InternVL2.5-8B = InternViT-300M + internlm2_5-7b-chat [IVL-8B]
-        vision=INTERNVIT_300M,
-        text=dict(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, **_INTERNLM2,
-        ),
-        text_type="llama",
-        vocab_size=92553,
-        image_token_id=92546,
-        notes="InternViT-300M-448px-V2_5 + internlm2_5-7b-chat (as Llama)",
-    ),
+    "1b": _internvl25("qwen2", "InternViT-300M-448px-V2_5 + Qwen2.5-0.5B", 896, 4864, 24, 14, 2),  # [IVL-1B]
+    "2b": _internvl25("llama", "InternViT-300M-448px-V2_5 + internlm2_5-1_8b-chat (as Llama)",  # [IVL-2B]
+                      2048, 8192, 24, 16, 8),
+    "4b": _internvl25("qwen2", "InternViT-300M-448px-V2_5 + Qwen2.5-3B", 2048, 11008, 36, 16, 2),  # [IVL-4B]
+    "8b": _internvl25("llama", "InternViT-300M-448px-V2_5 + internlm2_5-7b-chat (as Llama)",  # [IVL-8B]
+                      4096, 14336, 32, 32, 8),
 }
 
 

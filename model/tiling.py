@@ -1,4 +1,5 @@
-"""InternVL's dynamic high-resolution tiling (REFERENCE.md, "Dynamic high-resolution tiling").
+"""InternVL's dynamic high-resolution tiling (InternVL 2.5 report, arXiv 2412.05271;
+internvl_chat's `dynamic_preprocess`).
 
 It follows the public `internvl_chat` code line by line, so a tile count computed here from an image's
 size alone equals what training produces from its pixels, and what transformers'

@@ -1,5 +1,5 @@
 """The one tokenizer loader (every InternVL token) and the `internvl2_5` chat template with image-token expansion
-(InternVL 2.5 report, arXiv 2412.05271, §3: ChatML template, 256 `<IMG_CONTEXT>` tokens per 448px tile).
+(InternVL 2.5 report, arXiv 2412.05271: 256 `<IMG_CONTEXT>` tokens per 448px tile; internvl_chat's ChatML template).
 
 `load_tokenizer` is what pack, train and model building all use, so packed ids and the model's vocabulary
 always agree; `add_internvl_tokens` does the same to a tokenizer already loaded.
@@ -24,13 +24,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from model.tiling import TOKENS_PER_TILE
+from operators.conversation import IMAGE_PLACEHOLDER, count_placeholders, place_images
 
 IGNORE_INDEX = -100
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # The tokens internvl_chat adds to every LLM's tokenizer (image span, grounding: quad/ref/box).
 INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
-IMAGE_PLACEHOLDER = "<image>"
 # internvl2_5 template's default system message (internvl_chat/conversation.py).
 INTERNVL_SYSTEM_PROMPT = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -133,14 +133,10 @@ def render_batch(
         system = system_prompt
         if turns and turns[0].get("from") == "system":
             system = turns.pop(0).get("value") or ""
-        n_placeholders = sum((t.get("value") or "").count(IMAGE_PLACEHOLDER) for t in turns if t.get("from") == "human")
-        if len(tiles) == 1 and n_placeholders == 0:  # InternVL: a single image without <image> goes first
-            first = next((t for t in turns if t.get("from") == "human"), None)
-            if first is not None:
-                first["value"] = f"{IMAGE_PLACEHOLDER}\n{first.get('value') or ''}"
-                n_placeholders = 1
-        if n_placeholders != len(tiles):
-            raise ValueError(f"sample {n}: {n_placeholders} <image> placeholders for {len(tiles)} images")
+        turns, problem = place_images(turns, len(tiles))  # InternVL's <image> rule (operators/conversation.py)
+        if problem:
+            raise ValueError(f"sample {n}: {count_placeholders(turns)} <image> placeholders in human turns "
+                             f"for {len(tiles)} images ({problem})")
         plan: list = []
         if system is not None:
             plan.append((v.prefix["system"], False))

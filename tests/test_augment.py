@@ -1,4 +1,4 @@
-"""Random JPEG compression at train time (REFERENCE.md "Random JPEG compression") and the pixel path."""
+"""Random JPEG compression at train time (InternVL 2.5, arXiv 2412.05271: quality 75-100) and the pixel path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage presets train exactly the modules the paper says (REFERENCE.md "Training stages")."""
+"""Stage presets train exactly the modules the paper says (arXiv 2412.05271, Table 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A packed row trains exactly like its samples run one by one (REFERENCE.md "Loss reweighting", packing 3)."""
+"""A packed row trains exactly like its samples run one by one (arXiv 2412.05271: loss
+reweighting; §4.2 packing step 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Packed attention kept exact, and the packed forward pass (REFERENCE.md, "Multimodal data packing" 3).
+"""Packed attention kept exact, and the packed forward pass (InternVL 2.5 report,
+arXiv 2412.05271 §4.2, packing step 3: tokens attend only within their own sample).
 
 Samples packed into one row must never attend to each other. Two paths are exact:
 - `varlen`: our attention function registered with transformers; it receives `cu_seqlens` and runs
@@ -53,7 +54,7 @@ def varlen_kernel_name(device: torch.device) -> str:
     return "sdpa_per_sample"
 
 
-def _per_sample_sdpa(q, k, v, cu, scale):
+def per_sample_sdpa(q, k, v, cu, scale):
     # q,k,v: (T, H, D); exact: plain causal SDPA on each sample separately
     outs = []
     groups = q.shape[1] // k.shape[1]
@@ -101,7 +102,7 @@ def varlen_attention_forward(
     elif kernel == "flash_attn_varlen_func":
         out = _flash_varlen()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True)
     else:
-        out = _per_sample_sdpa(q, k, v, cu, scaling)
+        out = per_sample_sdpa(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
 
 

@@ -1,5 +1,5 @@
-"""Packed shards -> training tensors (packed.md contract; REFERENCE.md "Dynamic high-resolution tiling",
-"Random JPEG compression").
+"""Packed shards -> training tensors (the format of operators/packing/format.py; InternVL 2.5's
+dynamic high-resolution tiling and random JPEG compression, arXiv 2412.05271).
 
 The CPU work (image decode, InternVL tiling, random JPEG per tile where `image_augment`, ImageNet
 normalisation) is `prepare_batch`, a plain function over a numpy batch: Ray Data runs it in `map_batches`
@@ -32,24 +32,14 @@ import torch
 from PIL import Image
 
 from model.tiling import IMAGE_SIZE, dynamic_preprocess
+from operators.images import decode_rgb
+from operators.packing.format import PACKED_SCHEMA
 from pipeline.io import basename, isdir, join, list_files, size_and_mtime
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # InternVL build_transform normalisation
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 JPEG_QUALITY = (75, 100)  # inclusive range, InternVL 2.5 data_augment (internvl_chat `qualities`)
-PACK_COLUMNS = (
-    "input_ids",
-    "labels",
-    "position_ids",
-    "cu_seqlens",
-    "sample_ids",
-    "images",
-    "tiles_per_image",
-    "image_max_tiles",
-    "image_augment",
-    "num_tokens",
-    "num_tiles",
-)
+PACK_COLUMNS = tuple(PACKED_SCHEMA.names)  # what `ivl pack` writes, one definition
 
 
 # ---------------------------------------------------------------- pixels
@@ -73,7 +63,7 @@ def image_tiles(
     """Decode, tile (thumbnail included), random-JPEG each tile when `augment`, normalise.
 
     Returns (tiles (n, 3, 448, 448) float32, JPEG qualities used; empty when augment is off)."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = decode_rgb(data)  # the one decode and error policy (operators/images.py); raises ImageError
     tiles = dynamic_preprocess(image, max_num=int(max_tiles), image_size=IMAGE_SIZE, use_thumbnail=True)
     if len(tiles) != int(expected_tiles):
         raise ValueError(f"image re-tiles to {len(tiles)} tiles but the pack reserved {expected_tiles}")
@@ -85,7 +75,7 @@ def image_tiles(
 
 
 def prepare_pack(row: dict, rng: np.random.Generator) -> dict:
-    """One packed row (packed.md columns) -> arrays the training step consumes."""
+    """One packed row (PACKED_SCHEMA columns) -> arrays the training step consumes."""
     images = list(row["images"] if row["images"] is not None else [])
     if images:
         pixel = np.concatenate(

@@ -1,4 +1,5 @@
-"""Loss reweighting with a global denominator, and a chunked cross-entropy (REFERENCE.md, "Loss reweighting").
+"""Loss reweighting with a global denominator, and a chunked cross-entropy (InternVL 2.5 report,
+arXiv 2412.05271: square averaging).
 
 L = sum_i (w_i / sum_j w_j) * CE_i, with x = supervised tokens of the sample token i belongs to:
 token w = 1, sample w = 1/x, square w = 1/sqrt(x) (InternVL 2.5 §3.4 uses square). The denominator sums

@@ -1,4 +1,4 @@
-"""Stage presets 1 / 1.5 / 2 (REFERENCE.md "Training stages", InternVL 2.5 Table 3) and what they freeze.
+"""Stage presets 1 / 1.5 / 2 (InternVL 2.5 report, arXiv 2412.05271, Table 3) and what they freeze.
 
 `stage_config("1.5", overrides)` gives a validated `StageConfig`; every field can be overridden from a
 YAML file (`load_stage_config(stage, "stage.yaml")`). `apply_stage(model, cfg)` freezes the modules the stage
