@@ -181,3 +181,34 @@ def test_rerun_gives_identical_packs(packed, tok):
                      rows_per_shard=2, partition_bytes=1)
     assert {k: again[k] for k in ("packs", "total_tokens", "kept")} == {k: s[k] for k in ("packs", "total_tokens", "kept")}
     assert read(base / "out" / "kept") == read(base / "out2" / "kept")
+
+
+def partition_spec(tmp_path, tok, files: list[str], rows: int) -> dict:
+    """What run_pack hands one partition task (one partition, so its exact search runs)."""
+    tok_dir = str(tmp_path / "tok")
+    tok.save_pretrained(tok_dir)
+    return {"out_dir": str(tmp_path / "out"), "index": 0, "shards": list(enumerate(files)), "rows": rows,
+            "partitions": 1, "tok_dir": tok_dir, "tok_digest": "test", "token_fingerprint": "t", "pack_fingerprint": "p",
+            "batch_size": 256, "max_tokens": MAX_TOKENS, "max_tiles": MAX_TILES, "mode": "ivl", "seed": 0,
+            "buffer_size": None, "rows_per_shard": 2,
+            "tokenize": {"system_prompt": None, "max_tokens": MAX_TOKENS, "max_tiles": MAX_TILES, "verify_images": False}}
+
+
+def test_a_partition_commits_a_job_marker_counted_from_its_input_without_ray(tmp_path, tok):
+    from operators.packing import lower_bound
+    from pipeline.jobs import AccountingError, Marker, read_unit_marker
+    from pipeline.pack_job import pack_partition, part_key
+
+    rows = canonical_rows()
+    path = str(tmp_path / "in" / "part-00000.parquet")
+    write_parquet_atomic(rows_to_table(rows), path)
+    done = pack_partition(partition_spec(tmp_path, tok, [path], len(rows)))
+    m = read_unit_marker(str(tmp_path / "out"), part_key(0))
+    assert m == Marker.from_json(done["marker"]) and m.input == len(rows) == m.kept + m.rejected
+    assert m.reasons == {"pack:image_over_budget": 1, "pack:image_placeholder_mismatch": 1, "pack:image_undecodable": 1}
+    assert set(m.stages) >= {"tokenize", "write", "pack"} and all(s.rows == len(rows) for s in m.stages.values())
+    sizes = {(t, k): n for t, k, n in m.extra["sizes"]}
+    assert sum(sizes.values()) == m.extra["pieces"] and m.extra["packs"] >= lower_bound(sizes, MAX_TOKENS, MAX_TILES)
+    # a reader that lost a row: the footer says one more than was read
+    with pytest.raises(AccountingError, match="rows read"):
+        pack_partition(partition_spec(tmp_path / "again", tok, [path], len(rows) + 1))
