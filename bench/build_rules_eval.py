@@ -91,23 +91,21 @@ def src_fortunes():
                     yield source, lang, "prose", [item.strip()]
 
 
-_MAN_CACHE: dict[str, str] = {}  # path -> rendered text, kept next to the output between runs
-
-
-def _render_man(path: str) -> str:
-    if path in _MAN_CACHE:
-        return _MAN_CACHE[path]
+def _render_man(path: str, cache: dict[str, str]) -> str:
+    """`man -l` of one page, from `cache` (path -> rendered text, kept next to the output) when there."""
+    if path in cache:
+        return cache[path]
     env = {**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8"}
     try:
         r = subprocess.run(f"man -l -P cat '{path}' 2>/dev/null | col -bx", shell=True, capture_output=True,
                            timeout=60, env=env)
-        _MAN_CACHE[path] = r.stdout.decode("utf-8", "replace")
-        return _MAN_CACHE[path]
+        cache[path] = r.stdout.decode("utf-8", "replace")
+        return cache[path]
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def src_man(rng: random.Random, per_lang: int):
+def src_man(rng: random.Random, per_lang: int, cache: dict[str, str]):
     for sub, lang in MAN_LANGS.items():
         files = sorted(f for f in glob.glob(f"/usr/share/man/{sub + '/' if sub else ''}man[1-8]/*")
                        if os.path.isfile(f) and not os.path.islink(f) and not os.path.basename(f).startswith("gcloud"))
@@ -115,7 +113,7 @@ def src_man(rng: random.Random, per_lang: int):
             continue
         pick = rng.sample(files, min(per_lang, len(files)))
         with ThreadPoolExecutor(2) as ex:
-            rendered = list(ex.map(_render_man, pick))
+            rendered = list(ex.map(lambda f: _render_man(f, cache), pick))
         source = "manpages" if lang == "en" else f"manpages-{lang}"
         for text in rendered:
             paras = [p for p in paragraphs(text) if not re.match(r"^[A-Z_\-]+\(\d\w*\)", p)]  # page headers
@@ -358,11 +356,10 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "man_cache.json")
-    if os.path.exists(cache):
-        _MAN_CACHE.update(json.load(open(cache, encoding="utf-8")))
+    man_cache: dict[str, str] = json.load(open(cache, encoding="utf-8")) if os.path.exists(cache) else {}
 
     pools: dict[tuple[str, str, str], list[str]] = {}
-    gens = [src_fortunes(), src_man(rng, 40), src_handbook(rng, 25), src_python(rng, 40)]
+    gens = [src_fortunes(), src_man(rng, 40, man_cache), src_handbook(rng, 25), src_python(rng, 40)]
     for gen in gens:
         for source, lang, cat, paras in gen:
             items = [x for x in make_items(paras, rng, cat == "code") if len(x.strip()) >= 20]
@@ -388,7 +385,7 @@ def main() -> None:
             made += 1
             if made == want:
                 break
-    json.dump(_MAN_CACHE, open(cache, "w", encoding="utf-8"))
+    json.dump(man_cache, open(cache, "w", encoding="utf-8"))
     for i, r in enumerate(rows):
         r["id"] = f"rules-eval/{i}"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
