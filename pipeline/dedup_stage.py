@@ -1,42 +1,45 @@
-"""Global dedup stage on Ray Data: exact, MinHash near-duplicate and (optional) image near-duplicate.
+"""Global dedup: exact, MinHash near-duplicate and (optional) image near-duplicate, over key files.
 
-`dedup_dataset(ds, cfg)` returns the same rows with two string columns added: `dedup_rule`
-("" | "exact" | "minhash" | "image") and `dup_of` (the id of the row kept in its cluster; "" for
-kept rows). The stages nest: exact groups first, MinHash among one representative per exact group,
-images among the text survivors; a row's rule is the first stage that removed it and its `dup_of`
-is the final survivor of its cluster, so `dup_of` always names a kept row.
+A row's decision is `dedup_rule` ("" | "exact" | "minhash" | "image") and `dup_of` (the id of the row
+kept in its cluster; "" for kept rows). The stages nest: exact groups first, MinHash among one
+representative per exact group, images among the text survivors; a row's rule is the first stage
+that removed it and its `dup_of` is the final survivor of its cluster, so `dup_of` always names a
+kept row. Results depend only on the rows, never on file or block layout or the number of workers.
 
-Bounded memory: per-row work (hashes, signatures) runs in `map_batches`; every global step is a
-shuffle into `P` partitions (`groupby("_part", num_partitions=P).map_groups` on a hashed partition
-column), P = max(cluster CPUs, rows / `rows_per_partition`), and works on one partition at a time with the
-vectorised pyarrow functions of operators/dedup/components.py. No step holds all signatures or all
-edges: candidate pairs come from band buckets (star edges to the bucket's smallest id), are verified
-by estimated Jaccard through two shuffle joins with the signatures, and connected components run as
-distributed large-star/small-star rounds (or one union-find when the edge count is under
-`local_components_max_edges`). Results depend only on the rows, never on block layout, so they
-are the same with any number of workers and any input order.
-
-Shuffles use Ray Data's task-based sort shuffle (set on private copies of the dataset context; the
-caller's dataset and the global DataContext are not changed); datasets derived from the returned
-one inherit that setting. `Dataset.join` is not used: it needs polars and starts actor pools, so
-joins are reduce-side joins over the same partitioned groupby (`_join`).
+Data plane (NeMo Curator's fuzzy dedup does the same): the key rows (`row_keys`: id, score, content
+hash, MinHash signature, pHashes; no content) sit in per-shard key files in storage, and every step
+is a plain Ray task that reads and writes hash partitions through storage (pipeline/exchange.py), so
+only file names and counts go through Ray's object store. The steps, each one round of tasks:
+1. key tasks (one per group of key files): exact rows by content hash, one row per LSH band by band
+   key, location rows (orig, shard, row) by id, image band rows by pHash band;
+2. per partition: exact groups' survivors; per band bucket, star edges to the bucket's smallest id
+   among the exact representatives (the bucket holds every member of an exact group, so it finds
+   the representative itself), with each end's location (key task, row);
+3. verification by estimated Jaccard, reading each end's signature by location from the key files
+   (edges grouped by the u end's key task, then the cross-group ones by the v end's);
+4. connected components as large-star/small-star rounds (Kiveris et al., SoCC 2014), or one
+   union-find when the edges are at most `local_components_max_edges`;
+5. survivors, the nesting above (survivors mapped through later stages), then the decisions joined
+   with the location rows and written per input shard: `<out>/<shard>.parquet` (_row, id, dedup_rule,
+   dup_of), so routing reads only its own shard's.
+`dedup_decisions` / `dedup_dataset` run the same steps for a Ray Dataset (one key file per block batch).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
+import tempfile
+import time
 from collections import Counter
-from functools import lru_cache
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import xxhash
-from ray.data.context import ShuffleStrategy
 
 from operators.base import conversation_texts
 from operators.dedup import components as cc
@@ -44,27 +47,30 @@ from operators.dedup.exact import content_hashes
 from operators.dedup.image import band_values, hamming, near_pairs, phash
 from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
 from operators.dedup.minhash import MinHasher
-from pipeline.curate_config import DedupConfig  # noqa: F401  (the dedup stage's settings)
-from pipeline.io import write_parquet_atomic
+from operators.images import ImageError
+from pipeline.curate_config import DedupConfig
+from pipeline.exchange import Parts, Slices, StoreBytes, read_part, run_tasks, str_part, union, write_parts
+from pipeline.io import exists, join, list_files, open_input, remove_tree, write_parquet_atomic
+
+__all__ = ["DedupConfig", "KeyMaker", "StoreBytes", "decisions_by_shard", "dedup_dataset", "dedup_decisions",
+           "image_identity", "row_keys"]
 
 log = logging.getLogger(__name__)
 
-
-
-# ---------------------------------------------------------------------------------------------
-# per-row keys (map_batches) and the schemas of the intermediate datasets
-
 _S = pa.string()
-EDGES = pa.schema([("u", _S), ("v", _S)])
-SURVIVORS = pa.schema([("id", _S), ("survivor", _S)])
-MEMBERS = pa.schema([("id", _S), ("group", _S)])
-SCORES = pa.schema([("id", _S), ("score", pa.float64())])
-LATER = pa.schema([("lid", _S), ("final", _S)])
-GONE = pa.schema([("rid", _S), ("gone", pa.bool_())])
 DECISIONS = pa.schema([("id", _S), ("dedup_rule", _S), ("dup_of", _S)])
+SHARD_DECISIONS = pa.schema([("_row", pa.int64()), ("id", _S), ("dedup_rule", _S), ("dup_of", _S)])
+EDGES = pa.schema([("u", _S), ("v", _S)])  # also (id, survivor) maps: u removed, v its survivor
+EXACT = pa.schema([("group", pa.binary(16)), ("id", _S), ("score", pa.float64())])
+LOCS = pa.schema([("orig", _S), ("id", _S), ("_shard", _S), ("_row", pa.int64()), ("score", pa.float64())])
+CANDIDATES = pa.schema([("u", _S), ("v", _S), ("loc_u", pa.int64()), ("loc_v", pa.int64())])
+MEMBERS = pa.schema([("id", _S), ("group", _S)])
+SCORED = pa.schema([("id", _S), ("group", _S), ("score", pa.float64())])
+LOCATED = pa.schema([("_shard", _S), *SHARD_DECISIONS])
+ROW_BITS = 32  # a location is (key task << 32) | row among the key task's originals
 
 
-def _key_schema(cfg: DedupConfig) -> pa.Schema:
+def key_schema(cfg: DedupConfig) -> pa.Schema:
     return pa.schema(
         [
             ("id", _S),
@@ -78,9 +84,47 @@ def _key_schema(cfg: DedupConfig) -> pa.Schema:
     )
 
 
-@lru_cache(maxsize=4)
-def _hasher(num_perm: int, seed: int, ngram: int, hash: str) -> MinHasher:
-    return MinHasher(num_perm=num_perm, seed=seed, ngram=ngram, hash=hash)
+def _band_schema(cfg: DedupConfig) -> pa.Schema:
+    return pa.schema([("band", pa.int32()), ("key", pa.int64()), ("id", _S), ("loc", pa.int64()),
+                      ("ehash", pa.binary(16)), ("score", pa.float64())])
+
+
+IMAGE_ROWS = pa.schema([("key", pa.int64()), ("id", _S), ("phash", pa.list_(pa.uint64())),
+                        ("ehash", pa.binary(16)), ("score", pa.float64())])
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row keys
+
+class KeyMaker:
+    """Per row the dedup key columns (`key_schema`): all that global dedup reads, never the text or
+    the images. Holds the MinHasher (and its tokeniser tables), so build one per task and reuse it."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.hasher = MinHasher(num_perm=cfg.num_perm, seed=cfg.seed, ngram=cfg.ngram, hash=cfg.hash)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        c, n = self.cfg, batch.num_rows
+        cols: dict[str, pa.Array] = {"id": pc.cast(batch.column("id"), _S)}
+        cols["score"] = (pc.cast(batch.column(c.score_column), pa.float64()) if c.keep == "highest_score"
+                         else pa.nulls(n, pa.float64()))
+        cols["ehash"] = (pa.array(content_hashes(batch, self.hasher.tokens), pa.binary(16)) if c.exact
+                         else pa.nulls(n, pa.binary(16)))
+        if c.minhash:
+            sig, ok = self.hasher.signatures(conversation_texts(batch, "all"))
+            cols["sig"], cols["has_sh"] = _sig_array(sig), pa.array(ok)
+        else:
+            cols["sig"], cols["has_sh"] = pa.nulls(n, pa.binary(4 * c.num_perm)), pa.nulls(n, pa.bool_())
+        images = batch.column("images").to_pylist() if "images" in batch.column_names else [None] * n
+        cols["phash"] = pa.array([_phashes(im) if c.image else [] for im in images], pa.list_(pa.uint64()))
+        cols["img"] = pa.array([image_identity(im) for im in images], pa.uint64())
+        return pa.table(cols, schema=key_schema(c))
+
+
+def row_keys(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """`KeyMaker(cfg)(batch)` (a KeyMaker built for one call)."""
+    return KeyMaker(cfg)(batch)
 
 
 def _sig_array(sig: np.ndarray) -> pa.Array:
@@ -101,7 +145,7 @@ def _sig_matrix(col: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
 def _phashes(images: list[bytes] | None) -> list[int]:
     try:
         return [phash(b) for b in images or []]
-    except Exception:  # an image PIL cannot decode takes its row out of image dedup, never the job down
+    except ImageError:  # an image that does not decode takes its row out of image dedup, never the job down
         return []
 
 
@@ -115,177 +159,174 @@ def image_identity(images: list[bytes] | None) -> int:
     return h.intdigest() or 1
 
 
-def row_keys(batch: pa.Table, c: DedupConfig) -> pa.Table:
-    """Per row the dedup key columns (id, score, ehash, sig, has_sh, phash, img): all that the global
-    dedup moves between workers; never the text or the images."""
-    cols: dict[str, pa.Array] = {"id": pc.cast(batch.column("id"), pa.string())}
-    cols["score"] = (
-        pc.cast(batch.column(c.score_column), pa.float64())
-        if c.keep == "highest_score"
-        else pa.nulls(batch.num_rows, pa.float64())
-    )
-    cols["ehash"] = pa.array(content_hashes(batch), pa.binary(16)) if c.exact else pa.nulls(batch.num_rows, pa.binary(16))
-    if c.minhash:
-        sig, ok = _hasher(c.num_perm, c.seed, c.ngram, c.hash).signatures(conversation_texts(batch, "all"))
-        cols["sig"], cols["has_sh"] = _sig_array(sig), pa.array(ok)
-    else:
-        cols["sig"], cols["has_sh"] = pa.nulls(batch.num_rows, pa.binary(4 * c.num_perm)), pa.nulls(batch.num_rows, pa.bool_())
-    images = batch.column("images").to_pylist() if "images" in batch.column_names else [None] * batch.num_rows
-    if c.image:
-        cols["phash"] = pa.array([_phashes(im) for im in images], pa.list_(pa.uint64()))
-    else:
-        cols["phash"] = pa.array([[]] * batch.num_rows, pa.list_(pa.uint64()))
-    cols["img"] = pa.array([image_identity(im) for im in images], pa.uint64())
-    return pa.table(cols, schema=_key_schema(c))
+# ---------------------------------------------------------------------------------------------
+# the plan every task of one run shares
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: DedupConfig
+    work: str  # folder for the partitions (removed at the end)
+    n_groups: int  # key tasks; a location's high bits name one
+    parts: int  # partitions keyed by id or content hash
+    bparts: int  # MinHash band partitions
+    iparts: int  # image band partitions
+    bands: int
+    rows: int
+
+    def path(self, stage: str, i: int) -> str:
+        return join(self.work, stage, f"{i:05d}.parquet")
 
 
-def _row_keys(batch: pa.Table, cfg: dict) -> pa.Table:
-    return row_keys(batch, DedupConfig(**cfg))
+def _plan(key_files: list[str], cfg: DedupConfig, work: str) -> tuple[Plan, list[tuple[str, ...]]]:
+    """The plan and the key files of each key task."""
+    sizes = []
+    for f in key_files:  # footers only: the row counts that size the partitions
+        with open_input(f) as fh:
+            sizes.append(pq.ParquetFile(fh).metadata.num_rows)
+    n = sum(sizes)
+    # at least one partition per CPU so every step runs in parallel
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_groups = min(len(key_files), max(cpus, math.ceil(n / cfg.rows_per_partition))) or 1
+    per, groups, cur, acc = n / n_groups, [], [], 0
+    for f, s in zip(key_files, sizes):  # consecutive files, about n / n_groups rows each
+        cur.append(f)
+        acc += s
+        if acc >= per * (len(groups) + 1) and len(groups) < n_groups - 1:
+            groups.append(tuple(cur))
+            cur = []
+    groups.append(tuple(cur))
+    bands, rows = (optimal_param(cfg.threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
+                   if cfg.minhash else (0, 0))
+    groups = [g for g in groups if g]
+    return Plan(cfg=cfg, work=work, n_groups=len(groups), parts=max(cpus, math.ceil(n / cfg.rows_per_partition)),
+                bparts=max(cpus, math.ceil(n * max(bands, 1) / cfg.rows_per_partition)),
+                iparts=max(cpus, math.ceil(n * (cfg.image_max_hamming + 1) / cfg.rows_per_partition)), bands=bands, rows=rows), groups
+
+
+def _read_group(files: tuple[str, ...], columns: list[str]) -> pa.Table:
+    tables = []
+    for f in files:
+        with open_input(f) as fh:
+            tables.append(pq.read_table(fh, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _originals(t: pa.Table) -> pa.Table:
+    return t.filter(pc.equal(t.column("orig"), t.column("id")))
 
 
 # ---------------------------------------------------------------------------------------------
-# shuffles
+# step 1: key tasks
 
-def _str_part(col: pa.ChunkedArray | pa.Array, parts: int) -> pa.Array:
-    """Partition of each string key: xxh3-64 of its UTF-8 bytes modulo `parts` (stable everywhere)."""
-    return pa.array([xxhash.xxh3_64_intdigest(s.encode("utf-8")) % parts for s in col.to_pylist()], pa.int64())
-
-
-def _ehash_part(col: pa.ChunkedArray | pa.Array, parts: int) -> pa.Array:
-    """Partition by content hash: its first 8 bytes (already uniform) modulo `parts`; null -> 0."""
-    return pa.array([0 if h is None else int.from_bytes(h[:8], "little") % parts for h in col.to_pylist()], pa.int64())
-
-
-def _with_part(t: pa.Table, part: pa.Array) -> pa.Table:
-    if "_part" in t.column_names:
-        t = t.drop_columns(["_part"])
-    return t.append_column("_part", part)
-
-
-def _shuffle(ds: ray.data.Dataset, fn, parts: int, **kwargs) -> ray.data.Dataset:
-    """Run fn(partition table, **kwargs) on each of `parts` hash partitions of ds (column `_part`)."""
-
-    def call(t: pa.Table) -> pa.Table:
-        return fn(t.drop_columns(["_part"]), **kwargs)
-
-    # Task-based sort shuffle: on few coarse partitions it starts in ~0.1 s where the hash shuffle
-    # spins up aggregator actors (~2 s) per call. Derived datasets share their parent's context
-    # object, so this dataset gets its own copy: the caller's dataset and the global context keep theirs.
-    ctx = ds.context.copy()
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ds._context = ctx
-    return ds.groupby("_part", num_partitions=parts).map_groups(call, batch_format="pyarrow")
-
-
-def _join(
-    left: ray.data.Dataset,
-    right: ray.data.Dataset,
-    left_on: str,
-    right_on: str,
-    how: Literal["inner", "left outer"],
-    parts: int,
-    ls: pa.Schema,
-    rs: pa.Schema,
-) -> ray.data.Dataset:
-    """Reduce-side join: both sides hash-partitioned on the key in one shuffle, joined per partition.
-
-    `right` must have unique keys. Rows are joined through index columns and `take`, so payload
-    columns of any type (lists, structs, binaries) pass through. Right columns keep their names.
-    The schemas are given, not read from the data, so empty sides (no duplicates at all) work."""
-    rcols = [f for f in rs if f.name != right_on]
-    common = pa.schema([*ls, *[pa.field("_r_" + f.name, f.type) for f in rs], ("_side", pa.int8())])
-
-    def tag(t: pa.Table, side: int) -> pa.Table:
-        key = t.column(left_on if side == 0 else right_on)
-        out = {}
-        for f in common:
-            if f.name == "_side":
-                out[f.name] = pa.array(np.full(t.num_rows, side, dtype=np.int8))
-            elif side == 0 and not f.name.startswith("_r_"):
-                out[f.name] = t.column(f.name).cast(f.type)
-            elif side == 1 and f.name.startswith("_r_"):
-                out[f.name] = t.column(f.name[3:]).cast(f.type)
-            else:
-                out[f.name] = pa.nulls(t.num_rows, f.type)
-        return _with_part(pa.table(out, schema=common), _str_part(key, parts))
-
-    def join_part(t: pa.Table) -> pa.Table:
-        side = t.column("_side").to_numpy()
-        lt = t.filter(pa.array(side == 0)).select([f.name for f in ls])
-        rt = t.filter(pa.array(side == 1)).select(["_r_" + f.name for f in rs])
-        rt = rt.rename_columns([f.name for f in rs])
-        li = pa.table({"k": pc.cast(lt.column(left_on), pa.string()), "_li": pa.array(np.arange(lt.num_rows))})
-        ri = pa.table({"k": pc.cast(rt.column(right_on), pa.string()), "_ri": pa.array(np.arange(rt.num_rows))})
-        j = li.join(ri, "k", join_type=how)
-        out = lt.take(j.column("_li"))
-        rtake = rt.take(j.column("_ri"))
-        for f in rcols:
-            out = out.append_column(f.name, rtake.column(f.name))
-        return out
-
-    tagged = left.map_batches(tag, fn_args=(0,), batch_format="pyarrow").union(
-        right.map_batches(tag, fn_args=(1,), batch_format="pyarrow")
-    )
-    return _shuffle(tagged, join_part, parts)
+def key_task(plan: Plan, files: tuple[str, ...], g: int) -> dict:
+    """One group of key files -> exact rows, band rows, location rows and image rows, partitioned."""
+    cfg = plan.cfg
+    t = _read_group(files, [*key_schema(cfg).names, "orig", "_shard", "_row"])
+    locs = pa.table({"orig": t.column("orig"), "id": t.column("id"), "_shard": t.column("_shard"),
+                     "_row": t.column("_row"), "score": t.column("score")}).cast(LOCS)
+    out = {"locs": write_parts(locs, str_part(locs.column("orig"), plan.parts), plan.parts, plan.path("locs", g))}
+    o = _originals(t)  # a repeat_time copy follows its original's fate instead of taking part
+    loc = pa.array((np.int64(g) << ROW_BITS) + np.arange(o.num_rows, dtype=np.int64))
+    o = o.append_column("loc", loc)
+    out["exact"] = Parts(plan.parts)
+    if cfg.exact:
+        # a text that normalises to nothing has no hash (content_hashes_of): never an exact duplicate
+        e = o.filter(pc.is_valid(o.column("ehash")))
+        rows = pa.table({"group": e.column("ehash"), "id": e.column("id"), "score": e.column("score")}).cast(EXACT)
+        out["exact"] = write_parts(rows, _hash_part(e.column("ehash"), plan.parts), plan.parts, plan.path("exact", g))
+    out["bands"] = Parts(plan.bparts)
+    if cfg.minhash:
+        m = o.filter(pc.fill_null(o.column("has_sh"), False))
+        rows = _band_rows(m, plan)
+        part = (rows.column("key").to_numpy().view(np.uint64) % np.uint64(plan.bparts)).astype(np.int64)
+        out["bands"] = write_parts(rows, part, plan.bparts, plan.path("bands", g))
+    out["images"] = Parts(plan.iparts)
+    if cfg.image:
+        i = o.filter(pc.greater(pc.list_value_length(o.column("phash")), 0))
+        rows = _image_band_rows(i, cfg.image_max_hamming)
+        part = (rows.column("key").to_numpy().view(np.uint64) % np.uint64(plan.iparts)).astype(np.int64)
+        out["images"] = write_parts(rows, part, plan.iparts, plan.path("images", g))
+    return out
 
 
-# ---------------------------------------------------------------------------------------------
-# stages
+def _hash_part(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
+    """Partition by content hash: its first 8 bytes (already uniform) modulo `parts`."""
+    return np.fromiter((int.from_bytes(h[:8], "little") % parts for h in col.to_pylist()), dtype=np.int64, count=len(col))
 
 
-def _exact_part(t: pa.Table, score: str | None) -> pa.Table:
-    """Per content hash: the survivor (erep) of its exact group, on every row."""
-    s = cc.pick_survivors(pa.table({"group": t.column("ehash"), "id": t.column("id"), "score": t.column("score")}), score)
-    return t.take(s.column("row")).append_column("erep", s.column("survivor"))
-
-
-def _exact_dups(t: pa.Table) -> pa.Table:
-    t = t.filter(pc.not_equal(t.column("erep"), t.column("id")))
-    return pa.table({"id": t.column("id"), "survivor": t.column("erep")}, schema=SURVIVORS)
-
-
-def _exact_reps(t: pa.Table) -> pa.Table:
-    return t.filter(pc.equal(t.column("erep"), t.column("id"))).drop_columns(["erep"])
-
-
-def _band_rows(t: pa.Table, bands: int, rows: int, num_perm: int, parts: int, text_only: bool = True) -> pa.Table:
-    keys = band_keys(_sig_matrix(t.column("sig"), num_perm), bands, rows)
+def _band_rows(t: pa.Table, plan: Plan) -> pa.Table:
+    bands = plan.bands
+    keys = band_keys(_sig_matrix(t.column("sig"), plan.cfg.num_perm), bands, plan.rows)
     n = t.num_rows
-    if not text_only:  # rows share a bucket only with rows of the same image bytes (text-only rows: unchanged)
+    if not plan.cfg.text_only:  # rows share a bucket only with rows of the same image bytes (text-only rows: unchanged)
         img = t.column("img").to_numpy(zero_copy_only=False).astype(np.uint64)[:, None]
         with np.errstate(over="ignore"):
             mixed = (keys.view(np.uint64) ^ img) * np.uint64(0x9E3779B97F4A7C15) + img
         keys = np.where(img == 0, keys.view(np.uint64), mixed).view(np.int64)
-    key = keys.ravel()
-    out = pa.table(
-        {
-            "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
-            "key": pa.array(key),
-            "id": pc.take(t.column("id"), pa.array(np.repeat(np.arange(n), bands))),
-        }
-    )
-    return _with_part(out, pa.array((key.view(np.uint64) % np.uint64(parts)).astype(np.int64)))
+    rep = pa.array(np.repeat(np.arange(n), bands))
+    return pa.table({"band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)), "key": pa.array(keys.ravel()),
+                     **{c: pc.take(t.column(c), rep) for c in ("id", "loc", "ehash", "score")}}).cast(_band_schema(plan.cfg))
 
 
-def _verify(t: pa.Table, threshold: float, num_perm: int) -> pa.Table:
-    a, b = _sig_matrix(t.column("sig_u"), num_perm), _sig_matrix(t.column("sig_v"), num_perm)
-    keep = estimated_jaccard(a, b) >= threshold
-    return t.select(["u", "v"]).filter(pa.array(keep))
-
-
-def _image_band_rows(t: pa.Table, max_hamming: int, parts: int) -> pa.Table:
+def _image_band_rows(t: pa.Table, max_hamming: int) -> pa.Table:
     first = np.array([h[0] for h in t.column("phash").to_pylist()], dtype=np.uint64)
     vals = band_values(first, max_hamming)  # (n, bands)
     n, nb = vals.shape
     # the bucket key mixes band index and bits, so one column partitions and groups
-    key = (vals.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.arange(nb, dtype=np.uint64)).ravel()
+    with np.errstate(over="ignore"):
+        key = (vals.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.arange(nb, dtype=np.uint64)).ravel()
     idx = pa.array(np.repeat(np.arange(n), nb))
-    out = pa.table({"key": pa.array(key.view(np.int64)), "id": pc.take(t.column("id"), idx), "phash": pc.take(t.column("phash"), idx)})
-    return _with_part(out, pa.array((key % np.uint64(parts)).astype(np.int64)))
+    return pa.table({"key": pa.array(key.view(np.int64)),
+                     **{c: pc.take(t.column(c), idx) for c in ("id", "phash", "ehash", "score")}}).cast(IMAGE_ROWS)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 2: exact survivors, band buckets
+
+def exact_task(plan: Plan, src: Slices, p: int) -> Parts:
+    """Per content hash its survivor: decisions (id, "exact", survivor) of the removed rows, by survivor."""
+    t = read_part(src, EXACT)
+    s = cc.pick_survivors(t, "score" if plan.cfg.keep == "highest_score" else None)
+    s = s.filter(pc.not_equal(s.column("id"), s.column("survivor")))
+    d = pa.table({"id": s.column("id"), "dedup_rule": pa.array(["exact"] * s.num_rows, _S), "dup_of": s.column("survivor")})
+    return write_parts(d, str_part(d.column("dup_of"), plan.parts), plan.parts, plan.path("exact_dups", p))
+
+
+def _exact_reps(t: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Only the exact representatives among one partition's rows. Every member of an exact group has
+    the same bucket rows, so the partition holds the whole group and picks its survivor alone."""
+    if not cfg.exact or t.num_rows == 0:
+        return t
+    hashed = pc.is_valid(t.column("ehash"))
+    h = t.filter(hashed)
+    s = cc.pick_survivors(pa.table({"group": h.column("ehash"), "id": h.column("id"), "score": h.column("score")}),
+                          "score" if cfg.keep == "highest_score" else None)
+    reps = pc.unique(s.filter(pc.equal(s.column("id"), s.column("survivor"))).column("id"))
+    return pa.concat_tables([h.filter(pc.is_in(h.column("id"), reps)), t.filter(pc.invert(hashed))])
+
+
+def bucket_task(plan: Plan, src: Slices, q: int) -> Parts:
+    """Band rows of one partition -> candidate edges (u, v=min id of its bucket) with both ends' locations,
+    by the u end's key task."""
+    t = _exact_reps(read_part(src, _band_schema(plan.cfg)), plan.cfg)
+    edges = cc.bucket_star_edges(t)
+    locs = t.group_by("id", use_threads=False).aggregate([("loc", "min")]).rename_columns(["id", "loc"])
+    e = (edges.join(locs.rename_columns(["u", "loc_u"]), "u", join_type="inner", use_threads=False)
+         .join(locs.rename_columns(["v", "loc_v"]), "v", join_type="inner", use_threads=False))
+    e = e.select(CANDIDATES.names).cast(CANDIDATES)
+    g = e.column("loc_u").to_numpy() >> ROW_BITS
+    return write_parts(e, g, plan.n_groups, plan.path("candidates", q))
+
+
+def image_bucket_task(plan: Plan, src: Slices, q: int) -> Parts:
+    """Image band rows of one partition -> every pair of exact representatives whose images are all
+    within image_max_hamming bits (same count, same order), by u."""
+    t = _exact_reps(read_part(src, IMAGE_ROWS), plan.cfg)
+    e = _image_edges(t, plan.cfg.image_max_hamming)
+    return write_parts(e, str_part(e.column("u"), plan.parts), plan.parts, plan.path("image_edges", q))
 
 
 def _image_edges(t: pa.Table, max_hamming: int) -> pa.Table:
-    """Per bucket, every pair whose images are all within max_hamming bits (same count, same order)."""
     if t.num_rows == 0:
         return cc.EDGE_SCHEMA.empty_table()
     t = t.take(pc.sort_indices(t, sort_keys=[("key", "ascending"), ("id", "ascending")]))
@@ -306,274 +347,328 @@ def _image_edges(t: pa.Table, max_hamming: int) -> pa.Table:
                 continue
             us.append(max(ids[a], ids[b]))
             vs.append(min(ids[a], ids[b]))
-    return cc._edges(pa.array(us, pa.string()), pa.array(vs, pa.string()))
-
-
-def _components(edges: ray.data.Dataset, cfg: DedupConfig, parts: int) -> ray.data.Dataset:
-    """Verified edges (u, v) -> (u=node, v=smallest node of its component) for non-minimum nodes."""
-    edges = edges.materialize()
-    n_edges = edges.count()
-    if n_edges == 0:
-        return ray.data.from_arrow(cc.EDGE_SCHEMA.empty_table())
-    if n_edges <= cfg.local_components_max_edges:  # bounded by the setting, not by the data
-        t = pa.concat_tables([b for b in edges.iter_batches(batch_format="pyarrow", batch_size=None)])
-        labels = cc.union_find(t.column("u").to_pylist(), t.column("v").to_pylist())
-        pairs = [(x, r) for x, r in labels.items() if x != r]
-        return ray.data.from_arrow(
-            pa.table({"u": pa.array([p[0] for p in pairs], pa.string()), "v": pa.array([p[1] for p in pairs], pa.string())})
-        )
-
-    def both(t: pa.Table) -> pa.Table:
-        b = cc.both_directions(t.select(["u", "v"]))
-        return _with_part(b, _str_part(b.column("u"), parts))
-
-    def down(t: pa.Table) -> pa.Table:
-        d = cc.orient_down(t.select(["u", "v"]))
-        return _with_part(d, _str_part(d.column("u"), parts))
-
-    def star_check(t: pa.Table) -> pa.Table:  # one row per partition: is it already a star forest?
-        return pa.table({"bad": [0 if cc.is_star_forest(t) else 1]})
-
-    cur = edges
-    for rounds in range(cfg.max_rounds):
-        bi = cur.map_batches(both, batch_format="pyarrow").materialize()
-        if sum(r["bad"] for r in _shuffle(bi, star_check, parts).take_all()) == 0:
-            log.info("dedup: %d edges, components after %d large/small-star rounds", n_edges, rounds)
-            return cur.map_batches(lambda t: cc.orient_down(t.select(["u", "v"])), batch_format="pyarrow")
-        large = _shuffle(bi, cc.large_star, parts)
-        cur = _shuffle(large.map_batches(down, batch_format="pyarrow"), cc.small_star, parts).materialize()
-    raise RuntimeError(f"dedup: connected components did not converge in {cfg.max_rounds} rounds")
-
-
-def _survivors(
-    labels: ray.data.Dataset, nodes: ray.data.Dataset, cfg: DedupConfig, parts: int
-) -> ray.data.Dataset:
-    """Component labels (u=node, v=component min) -> (id, survivor) for the removed nodes."""
-    if cfg.keep == "lowest_id":  # the component minimum is the lowest id
-        return labels.map_batches(
-            lambda t: pa.table({"id": t.column("u"), "survivor": t.column("v")}), batch_format="pyarrow"
-        )
-    members = labels.map_batches(
-        lambda t: pa.table(
-            {
-                "id": pa.concat_arrays([t.column("u").combine_chunks(), t.column("v").combine_chunks()]),
-                "group": pa.concat_arrays([t.column("v").combine_chunks(), t.column("v").combine_chunks()]),
-            }
-        ),
-        batch_format="pyarrow",
-    )
-    scores = nodes.select_columns(["id", "score"])
-    scored = _join(members, scores, "id", "id", "inner", parts, MEMBERS, SCORES)
-
-    def pick(t: pa.Table) -> pa.Table:
-        t = t.group_by(["id", "group"]).aggregate([("score", "max")]).rename_columns(["id", "group", "score"])
-        s = cc.pick_survivors(t, "score")
-        s = s.filter(pc.not_equal(s.column("id"), s.column("survivor")))
-        return s.select(["id", "survivor"])
-
-    return _shuffle(
-        scored.map_batches(lambda t: _with_part(t, _str_part(t.column("group"), parts)), batch_format="pyarrow"),
-        pick,
-        parts,
-    )
-
-
-def _removed(
-    ids_surv: ray.data.Dataset, rule: str, later: ray.data.Dataset | None, parts: int
-) -> ray.data.Dataset:
-    """(id, survivor) -> (id, dedup_rule, dup_of) with the survivor mapped through a later stage."""
-    out = ids_surv
-    if later is not None:
-        later_map = later.select_columns(["id", "dup_of"]).map_batches(
-            lambda t: pa.table({"lid": t.column("id"), "final": t.column("dup_of")}), batch_format="pyarrow"
-        )
-        out = _join(out, later_map, "survivor", "lid", "left outer", parts, SURVIVORS, LATER)
-        out = out.map_batches(
-            lambda t: t.set_column(t.schema.get_field_index("survivor"), "survivor", pc.coalesce(t.column("final"), t.column("survivor"))).drop_columns(["final"]),
-            batch_format="pyarrow",
-        )
-    return out.map_batches(
-        lambda t: pa.table(
-            {"id": t.column("id"), "dedup_rule": pa.array([rule] * t.num_rows, pa.string()), "dup_of": t.column("survivor")}
-        ),
-        batch_format="pyarrow",
-    )
-
-
-def dedup_dataset(ds: ray.data.Dataset, cfg: DedupConfig | None = None) -> ray.data.Dataset:
-    """The rows of ds with `dedup_rule` and `dup_of` added (see the module docstring)."""
-    cfg = cfg or DedupConfig()
-    decisions, n = _decisions(ds, cfg)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    jparts = max(cpus, math.ceil(n / cfg.join_rows_per_partition))
-    joined = _join(ds, decisions, "id", "id", "left outer", jparts, ds.schema().base_schema, DECISIONS)
-
-    def fill(t: pa.Table) -> pa.Table:
-        for name in ("dedup_rule", "dup_of"):
-            i = t.schema.get_field_index(name)
-            t = t.set_column(i, name, pc.fill_null(pc.cast(t.column(name), pa.string()), ""))
-        return t
-
-    return joined.map_batches(fill, batch_format="pyarrow")
-
-
-def dedup_decisions(ds: ray.data.Dataset, cfg: DedupConfig | None = None) -> ray.data.Dataset:
-    """Only the removed rows, materialized: (id, dedup_rule, dup_of). Cheaper than `dedup_dataset`
-    when the caller routes rows itself (no shuffle of the full rows)."""
-    return _decisions(ds, cfg or DedupConfig())[0]
-
-
-def _decisions(ds: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset, int]:
-    if cfg.keep == "highest_score" and cfg.score_column not in ds.schema().names:
-        raise ValueError(f"dedup: keep=highest_score but the rows have no column {cfg.score_column!r}")
-    keys = ds.map_batches(_row_keys, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow")
-    return decisions_from_keys(keys, cfg)
-
-
-def decisions_from_keys(keys: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.Dataset, int]:
-    """The removed rows (id, dedup_rule, dup_of), materialized, from key rows (`row_keys`), and the key rows' count."""
-    keys = keys.materialize()
-    n = keys.count()
-    if n == 0:
-        return ray.data.from_arrow(DECISIONS.empty_table()), 0
-    # at least one partition per CPU so every shuffle's reduce side runs in parallel
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    parts = max(cpus, math.ceil(n / cfg.rows_per_partition))
-    score = "score" if cfg.keep == "highest_score" else None
-    empty = pa.table({"id": pa.array([], pa.string()), "survivor": pa.array([], pa.string())})
-
-    # exact: one representative (survivor) per content hash; only representatives go on
-    if cfg.exact:
-        # a text that normalises to nothing has no hash (content_hashes_of): never an exact duplicate
-        hashed = keys.map_batches(lambda t: t.filter(pc.is_valid(t.column("ehash"))), batch_format="pyarrow")
-        unhashed = keys.map_batches(lambda t: t.filter(pc.is_null(t.column("ehash"))), batch_format="pyarrow")
-        keyed = _shuffle(
-            hashed.map_batches(lambda t: _with_part(t, _ehash_part(t.column("ehash"), parts)), batch_format="pyarrow"),
-            _exact_part,
-            parts,
-            score=score,
-        ).materialize()
-        exact_dups = keyed.map_batches(_exact_dups, batch_format="pyarrow")
-        reps = keyed.map_batches(_exact_reps, batch_format="pyarrow").union(unhashed).materialize()
-    else:
-        exact_dups, reps = ray.data.from_arrow(empty), keys
-
-    # MinHash LSH among the representatives
-    text_dups = ray.data.from_arrow(empty)
-    if cfg.minhash:
-        bands, rows = optimal_param(cfg.threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
-        with_sh = reps.map_batches(lambda t: t.filter(t.column("has_sh")), batch_format="pyarrow")
-        bparts = max(cpus, math.ceil(n * bands / cfg.rows_per_partition))
-        band_rows = with_sh.map_batches(
-            _band_rows, fn_args=(bands, rows, cfg.num_perm, bparts, cfg.text_only), batch_format="pyarrow"
-        )
-        candidates = _shuffle(band_rows, cc.bucket_star_edges, bparts)
-        sigs = with_sh.select_columns(["id", "sig"])
-        sig_t = pa.binary(4 * cfg.num_perm)
-        j1 = _join(candidates, sigs, "u", "id", "inner", parts, EDGES, pa.schema([("id", pa.string()), ("sig", sig_t)]))
-        j1 = j1.rename_columns({"sig": "sig_u"})
-        j1_schema = pa.schema([*EDGES, ("sig_u", sig_t)])
-        j2 = _join(j1, sigs, "v", "id", "inner", parts, j1_schema, pa.schema([("id", pa.string()), ("sig", sig_t)]))
-        j2 = j2.rename_columns({"sig": "sig_v"})
-        verified = j2.map_batches(_verify, fn_args=(cfg.threshold, cfg.num_perm), batch_format="pyarrow")
-        labels = _components(verified, cfg, parts)
-        text_dups = _survivors(labels, reps, cfg, parts).materialize()
-
-    # images among the rows that survived text dedup
-    image_dups = None
-    if cfg.image:
-        text_removed = text_dups.map_batches(
-            lambda t: pa.table({"rid": t.column("id"), "gone": pa.array([True] * t.num_rows)}), batch_format="pyarrow"
-        )
-        alive = _join(reps, text_removed, "id", "rid", "left outer", parts, _key_schema(cfg), GONE)
-        alive = alive.map_batches(
-            lambda t: t.filter(pc.and_(pc.is_null(t.column("gone")), pc.greater(pc.list_value_length(t.column("phash")), 0))),
-            batch_format="pyarrow",
-        )
-        iparts = max(cpus, math.ceil(n * (cfg.image_max_hamming + 1) / cfg.rows_per_partition))
-        irows = alive.map_batches(_image_band_rows, fn_args=(cfg.image_max_hamming, iparts), batch_format="pyarrow")
-        iedges = _shuffle(irows, _image_edges, iparts, max_hamming=cfg.image_max_hamming)
-        image_dups = _removed(_survivors(_components(iedges, cfg, parts), reps, cfg, parts), "image", None, parts)
-        image_dups = image_dups.materialize()
-
-    text_removed_final = _removed(text_dups, "minhash", image_dups, parts).materialize()
-    later = text_removed_final if image_dups is None else text_removed_final.union(image_dups)
-    exact_final = _removed(exact_dups, "exact", later, parts)
-    decisions = exact_final.union(text_removed_final)
-    if image_dups is not None:
-        decisions = decisions.union(image_dups)
-    out = decisions.map_batches(lambda t: t.select(DECISIONS.names).cast(DECISIONS), batch_format="pyarrow")
-    return out.materialize(), n
+    return cc.distinct_edges(pa.array(us, _S), pa.array(vs, _S))
 
 
 # ---------------------------------------------------------------------------------------------
-# decisions partitioned by input shard (the curate runner's dedup phase)
+# step 3: verification by location
 
-LOCS = pa.schema([("orig", _S), ("_shard", _S), ("_row", pa.int64())])
-SHARD_DECISIONS = pa.schema([("_row", pa.int64()), ("dedup_rule", _S), ("dup_of", _S)])
+def _group_sigs(plan: Plan, files: tuple[str, ...]) -> np.ndarray:
+    """The signatures of one key task's originals, in its row order (what its locations index)."""
+    t = _originals(_read_group(files, ["id", "orig", "sig"]))
+    return _sig_matrix(t.column("sig"), plan.cfg.num_perm)
 
+
+def _both_by_u(plan: Plan, edges: pa.Table, stage: str, i: int) -> Parts:
+    b = cc.both_directions(edges.select(["u", "v"]))
+    return write_parts(b, str_part(b.column("u"), plan.parts), plan.parts, plan.path(stage, i))
+
+
+CROSS_EXTRA = [("loc_v", pa.int64()), ("sig_u", pa.binary())]
+
+
+def verify_task(plan: Plan, src: Slices, files: tuple[str, ...], g: int) -> tuple[Parts, Parts]:
+    """Candidates whose u end is in key task g: those whose v end is too are verified here; the others
+    go on with u's signature to v's key task. Returns (verified edges both ways by u, cross rows)."""
+    c = read_part(src, CANDIDATES)
+    c = c.group_by(CANDIDATES.names, use_threads=False).aggregate([])  # a pair found in several bands is checked once
+    sigs = _group_sigs(plan, files) if c.num_rows else None
+    mask = np.int64((1 << ROW_BITS) - 1)
+    same = (c.column("loc_v").to_numpy() >> ROW_BITS) == g
+    su = sigs[c.column("loc_u").to_numpy() & mask] if c.num_rows else None
+    verified = c.filter(pa.array(same))
+    if verified.num_rows:
+        ok = estimated_jaccard(su[same], sigs[verified.column("loc_v").to_numpy() & mask]) >= plan.cfg.threshold
+        verified = verified.filter(pa.array(ok))
+    cross = c.filter(pa.array(~same))
+    cross_rows = pa.table({"u": cross.column("u"), "v": cross.column("v"), "loc_v": cross.column("loc_v"),
+                           "sig_u": pa.array([r.tobytes() for r in su[~same]] if cross.num_rows else [], pa.binary())})
+    return (_both_by_u(plan, verified, "verified", g),
+            write_parts(cross_rows, cross.column("loc_v").to_numpy() >> ROW_BITS, plan.n_groups, plan.path("cross", g)))
+
+
+def cross_task(plan: Plan, src: Slices, files: tuple[str, ...], g: int) -> Parts:
+    """Cross-group candidates whose v end is in key task g: verified with v's signature, both ways by u."""
+    c = read_part(src, pa.schema([*EDGES, *CROSS_EXTRA]))
+    if c.num_rows == 0:
+        return Parts(plan.parts)
+    sv = _group_sigs(plan, files)[c.column("loc_v").to_numpy() & np.int64((1 << ROW_BITS) - 1)]
+    su = _sig_matrix(c.column("sig_u").cast(pa.binary(4 * plan.cfg.num_perm)), plan.cfg.num_perm)
+    ok = estimated_jaccard(su, sv) >= plan.cfg.threshold
+    return _both_by_u(plan, c.filter(pa.array(ok)), "verified_cross", g)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 4: connected components, step 5: survivors
+
+def star_task(plan: Plan, src: Slices, p: int, stage: str) -> tuple[bool, Parts, Parts]:
+    """One partition of the edges (both ways, by u): is it a star forest; its labels if the whole graph
+    is (the edges (u, v) with v < u); and the large-star step's edges (larger, smaller) by u."""
+    t = read_part(src, EDGES)
+    labels = t.filter(pc.greater(t.column("u"), t.column("v")))
+    large = cc.orient_down(cc.large_star(t))
+    return (cc.is_star_forest(t),
+            write_parts(labels, np.full(labels.num_rows, p), plan.parts, plan.path(f"{stage}_labels", p)),
+            write_parts(large, str_part(large.column("u"), plan.parts), plan.parts, plan.path(f"{stage}_large", p)))
+
+
+def small_task(plan: Plan, src: Slices, p: int, stage: str) -> Parts:
+    t = cc.small_star(read_part(src, EDGES))
+    return _both_by_u(plan, t, f"{stage}_small", p)
+
+
+def union_find_task(plan: Plan, src: Slices, stage: str) -> Parts:
+    t = read_part(src, EDGES)
+    labels = cc.union_find(t.column("u").to_pylist(), t.column("v").to_pylist())
+    pairs = [(x, r) for x, r in labels.items() if x != r]
+    lab = pa.table({"u": pa.array([p[0] for p in pairs], _S), "v": pa.array([p[1] for p in pairs], _S)})
+    return write_parts(lab, str_part(lab.column("u"), plan.parts), plan.parts, plan.path(f"{stage}_labels", 0))
+
+
+def components(plan: Plan, both: Parts, stage: str, store: StoreBytes) -> Parts:
+    """Edges (both ways, by u) -> labels (u=node, v=smallest node of its component) of the non-minimum
+    nodes, by u."""
+    n_edges = both.rows() // 2
+    if n_edges == 0:
+        return Parts(plan.parts)
+    if n_edges <= plan.cfg.local_components_max_edges:  # bounded by the setting, not by the data
+        every = [x for p in range(both.n) for x in both.slices(p)]
+        return run_tasks(union_find_task, [(plan, every, stage)], store)[0]
+    for r in range(plan.cfg.max_rounds):
+        out = run_tasks(star_task, [(plan, both.slices(p), p, f"{stage}{r}") for p in range(plan.parts)], store)
+        if all(flag for flag, _, _ in out):
+            log.info("dedup %s: %d edges, components after %d large/small-star rounds", stage, n_edges, r)
+            return union([lab for _, lab, _ in out], plan.parts)
+        large = union([lg for _, _, lg in out], plan.parts)
+        both = union(run_tasks(small_task, [(plan, large.slices(p), p, f"{stage}{r}") for p in range(plan.parts)], store),
+                     plan.parts)
+    raise RuntimeError(f"dedup: connected components did not converge in {plan.cfg.max_rounds} rounds")
+
+
+def members_task(plan: Plan, labels: Slices, p: int, stage: str) -> Parts:
+    t = read_part(labels, EDGES)
+    m = pa.table({"id": pa.concat_arrays([t.column("u").combine_chunks(), t.column("v").combine_chunks()]),
+                  "group": pa.concat_arrays([t.column("v").combine_chunks(), t.column("v").combine_chunks()])})
+    return write_parts(m, str_part(m.column("id"), plan.parts), plan.parts, plan.path(f"{stage}_members", p))
+
+
+def scored_task(plan: Plan, members: Slices, locs: Slices, p: int, stage: str) -> Parts:
+    m = read_part(members, MEMBERS).group_by(["id", "group"], use_threads=False).aggregate([])
+    sc = _originals(read_part(locs, LOCS)).select(["id", "score"])
+    t = m.join(sc, "id", join_type="inner", use_threads=False).select(SCORED.names).cast(SCORED)
+    return write_parts(t, str_part(t.column("group"), plan.parts), plan.parts, plan.path(f"{stage}_scored", p))
+
+
+def pick_task(plan: Plan, scored: Slices, p: int, stage: str) -> Parts:
+    s = cc.pick_survivors(read_part(scored, SCORED), "score")
+    s = s.filter(pc.not_equal(s.column("id"), s.column("survivor")))
+    t = pa.table({"u": s.column("id"), "v": s.column("survivor")})
+    return write_parts(t, str_part(t.column("u"), plan.parts), plan.parts, plan.path(f"{stage}_removed", p))
+
+
+def survivors(plan: Plan, labels: Parts, locs: Parts, stage: str, store: StoreBytes) -> Parts:
+    """Component labels -> (u=removed id, v=its survivor), by u."""
+    if plan.cfg.keep == "lowest_id" or labels.rows() == 0:  # the component minimum is the lowest id
+        return labels
+    ps = range(plan.parts)
+    members = union(run_tasks(members_task, [(plan, labels.slices(p), p, stage) for p in ps], store), plan.parts)
+    scored = union(run_tasks(scored_task, [(plan, members.slices(p), locs.slices(p), p, stage) for p in ps], store),
+                   plan.parts)
+    return union(run_tasks(pick_task, [(plan, scored.slices(p), p, stage) for p in ps], store), plan.parts)
+
+
+def alive_task(plan: Plan, edges: Slices, removed: Slices, p: int, end: str, stage: str) -> Parts:
+    """Image edges (by `end`) whose `end` was not removed by text dedup: by v after u, both ways by u after v."""
+    e = read_part(edges, EDGES)
+    gone = read_part(removed, EDGES).column("u")
+    e = e.filter(pc.invert(pc.is_in(e.column(end), gone)))
+    if end == "v":
+        return _both_by_u(plan, e, stage, p)
+    return write_parts(e, str_part(e.column("v"), plan.parts), plan.parts, plan.path(stage, p))
+
+
+def map_task(plan: Plan, dec: Slices, survivor: Slices, p: int, by: str, stage: str) -> Parts:
+    """Decisions (by dup_of) with dup_of mapped through a later stage's (removed -> survivor), by `by`."""
+    d = read_part(dec, DECISIONS)
+    m = read_part(survivor, EDGES).combine_chunks()
+    if m.num_rows and d.num_rows:
+        idx = pc.index_in(d.column("dup_of"), value_set=m.column("u").chunk(0))
+        d = d.set_column(2, "dup_of", pc.coalesce(pc.take(m.column("v"), idx), d.column("dup_of")))
+    return write_parts(d, str_part(d.column(by), plan.parts), plan.parts, plan.path(stage, p))
+
+
+def relabel_task(plan: Plan, removed: Slices, p: int, rule: str, by: str, stage: str) -> Parts:
+    """(u removed, v survivor) -> decisions (id, rule, dup_of), by `by`."""
+    t = read_part(removed, EDGES)
+    d = pa.table({"id": t.column("u"), "dedup_rule": pa.array([rule] * t.num_rows, _S), "dup_of": t.column("v")})
+    return write_parts(d, str_part(d.column(by), plan.parts), plan.parts, plan.path(stage, p))
+
+
+def locate_task(plan: Plan, dec: Slices, locs: Slices, p: int) -> tuple[dict, Parts]:
+    """Decisions of originals (by id) joined with every row they stand for (copies too), by shard;
+    returns the rule counts of the originals."""
+    d = read_part(dec, DECISIONS)
+    loc = read_part(locs, LOCS).select(["orig", "id", "_shard", "_row"]).rename_columns(["orig", "rid", "_shard", "_row"])
+    j = loc.join(d, keys="orig", right_keys="id", join_type="inner", use_threads=False)
+    t = pa.table({"_shard": j.column("_shard"), "_row": j.column("_row"), "id": j.column("rid"),
+                  "dedup_rule": j.column("dedup_rule"), "dup_of": j.column("dup_of")}).cast(LOCATED)
+    counts = Counter(d.column("dedup_rule").to_pylist())
+    return dict(counts), write_parts(t, str_part(t.column("_shard"), plan.parts), plan.parts, plan.path("located", p))
+
+
+def write_task(plan: Plan, located: Slices, p: int, out_folder: str) -> int:
+    """One partition of located decisions -> `out_folder/<shard>.parquet` per shard in it."""
+    t = read_part(located, LOCATED)
+    for shard in sorted(set(t.column("_shard").to_pylist())):
+        part = t.filter(pc.equal(t.column("_shard"), shard)).select(SHARD_DECISIONS.names).sort_by("_row")
+        write_parquet_atomic(part, join(out_folder, f"{shard}.parquet"))
+    return t.num_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
 
 def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str, store: StoreBytes | None = None) -> dict:
     """Global dedup over the key rows in `key_files` (columns of `row_keys` plus `orig` = the id a
     repeat_time copy repeats, `_shard`, `_row`), its decisions written per shard to
-    `out_folder/<shard>.parquet` (_row, dedup_rule, dup_of; no file: nothing removed there).
-    Only originals (orig == id) take part; a copy follows its original's fate. Key rows only move:
-    the driver gets per-block rule counts. Returns {removed, by_rule}; `store` counts the bytes moved."""
-    store = store or StoreBytes()
-    ds = ray.data.read_parquet(key_files)
-    ds.set_name("ivl-curate:dedup_keys")
-    originals = ds.map_batches(
-        lambda t: t.filter(pc.equal(t.column("orig"), t.column("id"))).select(_key_schema(cfg).names),
-        batch_format="pyarrow")
-    decisions, n = decisions_from_keys(originals, cfg)
-    counts = decisions.map_batches(_rule_counts, batch_format="pyarrow").take_all()
-    by_rule = Counter()
-    for r in counts:
-        by_rule[r["rule"]] += r["n"]
-    stats = {"removed": sum(by_rule.values()), "by_rule": dict(sorted(by_rule.items()))}
-    store.add(decisions)
-    if not by_rule:
+    `out_folder/<shard>.parquet` (_row, id, dedup_rule, dup_of; no file: nothing removed there).
+    Only originals (orig == id) take part; a copy follows its original's fate. The driver holds file
+    names and counts only. Returns {removed, by_rule} (originals) and seconds; `store` counts the task
+    arguments and returns (the object store's share of this step)."""
+    store = store if store is not None else StoreBytes()
+    t0 = time.perf_counter()
+    work = join(out_folder, "_work")
+    remove_tree(work)  # partitions of an interrupted run: never read, names reused
+    stats = {"removed": 0, "by_rule": {}}
+    if not key_files:
         return stats
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    parts = max(cpus, math.ceil(n / cfg.rows_per_partition))
-    locs = ds.map_batches(lambda t: t.select(LOCS.names).cast(LOCS), batch_format="pyarrow")
-    located = _join(locs, decisions, "orig", "id", "inner", parts, LOCS, DECISIONS)
+    plan, groups = _plan(key_files, cfg, work)
+    P = plan.parts
+    ps, gs = range(P), range(plan.n_groups)
+    keyed = run_tasks(key_task, [(plan, groups[g], g) for g in gs], store)
+    locs = union([k["locs"] for k in keyed], P)
+    exact_src, band_src = union([k["exact"] for k in keyed], P), union([k["bands"] for k in keyed], plan.bparts)
+    image_src = union([k["images"] for k in keyed], plan.iparts)
+    # exact survivors and band buckets in one round of tasks
+    calls = [(exact_task, (plan, exact_src.slices(p), p)) for p in ps if cfg.exact]
+    calls += [(bucket_task, (plan, band_src.slices(q), q)) for q in range(plan.bparts) if cfg.minhash]
+    calls += [(image_bucket_task, (plan, image_src.slices(q), q)) for q in range(plan.iparts) if cfg.image]
+    res = run_tasks(_apply, calls, store)
+    exact_dups = union([r for (f, _), r in zip(calls, res) if f is exact_task], P)  # decisions by dup_of
+    candidates = union([r for (f, _), r in zip(calls, res) if f is bucket_task], plan.n_groups)
+    image_edges = union([r for (f, _), r in zip(calls, res) if f is image_bucket_task], P)
 
-    def write(t: pa.Table) -> pa.Table:
-        for shard in sorted(set(t.column("_shard").to_pylist())):
-            part = t.filter(pc.equal(t.column("_shard"), shard)).select(SHARD_DECISIONS.names).cast(SHARD_DECISIONS)
-            write_parquet_atomic(part.sort_by("_row"), os.path.join(out_folder, f"{shard}.parquet"))
-        return pa.table({"rows": [t.num_rows]})
+    text_removed = Parts(P)  # (u, v=survivor) by u
+    if cfg.minhash and candidates.rows():
+        out = run_tasks(verify_task, [(plan, candidates.slices(g), groups[g], g) for g in gs], store)
+        both = union([v for v, _ in out], P)
+        cross = union([c for _, c in out], plan.n_groups)
+        if cross.rows():
+            both = both + union(run_tasks(cross_task, [(plan, cross.slices(g), groups[g], g) for g in gs], store), P)
+        text_removed = survivors(plan, components(plan, both, "text", store), locs, "text", store)
 
-    keyed = located.map_batches(lambda t: _with_part(t, _str_part(t.column("_shard"), parts)), batch_format="pyarrow")
-    written = _shuffle(keyed, write, parts)
-    written.set_name("ivl-curate:dedup_decisions")
-    store.add(written.materialize())
-    return stats
+    image_removed = None
+    if cfg.image:
+        alive = union(run_tasks(alive_task, [(plan, image_edges.slices(p), text_removed.slices(p), p, "u", "alive_u")
+                                          for p in ps], store), P)
+        alive = union(run_tasks(alive_task, [(plan, alive.slices(p), text_removed.slices(p), p, "v", "alive_v")
+                                          for p in ps], store), P)
+        image_removed = survivors(plan, components(plan, alive, "image", store), locs, "image", store)
+
+    # the nesting: exact survivors through text dedup, text survivors through image dedup
+    text_by = "dup_of" if image_removed is not None else "id"
+    dec = union(run_tasks(map_task, [(plan, exact_dups.slices(p), text_removed.slices(p), p, text_by, "exact_final")
+                                     for p in ps], store), P)
+    dec = dec + union(run_tasks(relabel_task, [(plan, text_removed.slices(p), p, "minhash", text_by, "text_final")
+                                               for p in ps], store), P)
+    if image_removed is not None:
+        dec = union(run_tasks(map_task, [(plan, dec.slices(p), image_removed.slices(p), p, "id", "image_mapped")
+                                         for p in ps], store), P)
+        dec = dec + union(run_tasks(relabel_task, [(plan, image_removed.slices(p), p, "image", "id", "image_final")
+                                                   for p in ps], store), P)
+    if dec.rows():
+        out = run_tasks(locate_task, [(plan, dec.slices(p), locs.slices(p), p) for p in ps], store)
+        by_rule = Counter()
+        for counts, _ in out:
+            by_rule.update(counts)
+        located = union([x for _, x in out], P)
+        run_tasks(write_task, [(plan, located.slices(p), p, out_folder) for p in ps], store)
+        stats = {"removed": sum(by_rule.values()), "by_rule": dict(sorted(by_rule.items()))}
+    remove_tree(work)
+    return {**stats, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _rule_counts(t: pa.Table) -> pa.Table:
-    c = Counter(t.column("dedup_rule").to_pylist())
-    return pa.table({"rule": pa.array(list(c), _S), "n": pa.array(list(c.values()), pa.int64())})
+def _apply(fn, args: tuple):
+    return fn(*args)
 
 
-class StoreBytes:
-    """Bytes of the blocks that executed Ray Data operators put into Ray's object store (each
-    operator's `output_size_bytes` sum in Ray Data's stats), over every dataset added and the
-    datasets they were built from; an operator reported under several datasets counts once."""
+# ---------------------------------------------------------------------------------------------
+# the same over a Ray Dataset (one key file per batch)
 
-    def __init__(self):
-        self.seen: set[tuple] = set()
-        self.total = 0
+def dedup_decisions(ds: ray.data.Dataset, cfg: DedupConfig | None = None, work_dir: str | None = None) -> ray.data.Dataset:
+    """Only the removed rows, materialized: (id, dedup_rule, dup_of). `work_dir` holds the key files
+    and partitions while it runs (default: a local temp folder; on a cluster give shared storage)."""
+    cfg = cfg or DedupConfig()
+    work = work_dir or tempfile.mkdtemp(prefix="ivl-dedup-")
+    try:
+        _check_score(ds, cfg)
+        ds.map_batches(_write_keys, fn_kwargs={"cfg": cfg, "folder": join(work, "keys")}, batch_format="pyarrow").materialize()
+        folder = join(work, "decisions")
+        decisions_by_shard(list_files(join(work, "keys"), ".parquet"), cfg, folder)
+        files = list_files(folder, ".parquet", recursive=False) if exists(folder) else []
+        if not files:
+            return ray.data.from_arrow(DECISIONS.empty_table())
+        return ray.data.read_parquet(files, columns=DECISIONS.names).materialize()
+    finally:
+        remove_tree(work)
 
-    def add(self, ds: ray.data.Dataset) -> int:
-        stack = [ds.get_stats_summary()]
-        while stack:
-            summary = stack.pop()
-            for op in summary.operators_stats:
-                key = (op.operator_name, op.earliest_start_time, op.latest_end_time)
-                if op.output_size_bytes and key not in self.seen:
-                    self.seen.add(key)
-                    self.total += int(op.output_size_bytes.sum)
-            stack.extend(summary.parents)
-        return self.total
+
+def dedup_dataset(ds: ray.data.Dataset, cfg: DedupConfig | None = None, work_dir: str | None = None) -> ray.data.Dataset:
+    """The rows of ds with `dedup_rule` and `dup_of` added (see the module docstring), materialized."""
+    cfg = cfg or DedupConfig()
+    work = work_dir or tempfile.mkdtemp(prefix="ivl-dedup-")
+    try:
+        _check_score(ds, cfg)
+        tagged = ds.map_batches(_write_keys, fn_kwargs={"cfg": cfg, "folder": join(work, "keys"), "tag": True},
+                                batch_format="pyarrow").materialize()
+        folder = join(work, "decisions")
+        decisions_by_shard(list_files(join(work, "keys"), ".parquet"), cfg, folder)
+        return tagged.map_batches(_apply_decisions, fn_kwargs={"folder": folder}, batch_format="pyarrow").materialize()
+    finally:
+        remove_tree(work)
+
+
+def _check_score(ds: ray.data.Dataset, cfg: DedupConfig) -> None:
+    if cfg.keep == "highest_score" and cfg.score_column not in ds.schema().names:
+        raise ValueError(f"dedup: keep=highest_score but the rows have no column {cfg.score_column!r}")
+
+
+def _write_keys(batch: pa.Table, cfg: DedupConfig, folder: str, tag: bool = False) -> pa.Table:
+    """A batch's key rows -> `folder/<digest of its ids>.parquet` (the digest names the batch as a
+    shard); returns the batch tagged with (_kshard, _krow) when `tag`, else the shard name."""
+    ids = pc.cast(batch.column("id"), _S)
+    shard = xxhash.xxh3_128_hexdigest("\n".join(ids.to_pylist()).encode("utf-8"))
+    rows = pa.array(np.arange(batch.num_rows, dtype=np.int64))
+    if batch.num_rows:
+        keys = (row_keys(batch, cfg).append_column("orig", ids)
+                .append_column("_shard", pa.array([shard] * batch.num_rows, _S)).append_column("_row", rows))
+        write_parquet_atomic(keys, join(folder, f"{shard}.parquet"))
+    if tag:
+        return batch.append_column("_kshard", pa.array([shard] * batch.num_rows, _S)).append_column("_krow", rows)
+    return pa.table({"shard": [shard]})
+
+
+def _apply_decisions(batch: pa.Table, folder: str) -> pa.Table:
+    rule, dup_of = [""] * batch.num_rows, [""] * batch.num_rows
+    shards = batch.column("_kshard").to_pylist()
+    rows = batch.column("_krow").to_pylist()
+    where = {(s, r): i for i, (s, r) in enumerate(zip(shards, rows))}
+    for shard in set(shards):
+        path = join(folder, f"{shard}.parquet")
+        if exists(path):
+            d = pq.read_table(path)
+            for r, ru, du in zip(*(d.column(c).to_pylist() for c in ("_row", "dedup_rule", "dup_of"))):
+                i = where[(shard, r)]
+                rule[i], dup_of[i] = ru, du
+    return (batch.drop_columns(["_kshard", "_krow"]).append_column("dedup_rule", pa.array(rule, _S))
+            .append_column("dup_of", pa.array(dup_of, _S)))

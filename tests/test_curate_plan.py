@@ -60,7 +60,7 @@ def test_no_content_goes_through_the_object_store_and_actor_pools_decide_alike(r
     phases = s["object_store_bytes_by_phase"]
     assert phases["operators"] + phases["route"] < 0.01 * arrow, (phases, arrow)
     key_rows = s["input"] - s["rejected"] + s["dedup"]["removed"]  # the rows dedup saw
-    # key rows only: 512-byte signatures, ids and band keys, moved a few times (a fixed cost per row)
+    # dedup's key rows go task -> storage -> task: only file names and counts pass the object store
     assert 0 < phases["dedup"] < 20_000 * key_rows, (phases, key_rows)
     assert s["dedup"]["removed"] > 0 and s["input"] == s["kept"] + s["rejected"] + s["review"]
     assert not os.path.exists(tmp_path / "tasks" / "_verdicts") and not os.path.exists(tmp_path / "tasks" / "_stage")

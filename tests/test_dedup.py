@@ -23,7 +23,7 @@ from operators.dedup import components as cc
 from operators.dedup.exact import content_hash, content_hashes
 from operators.dedup.image import band_values, hamming, near_pairs, phash
 from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
-from operators.dedup.minhash import MinHasher, _token_hash, token_hashes
+from operators.dedup.minhash import MinHasher, token_hash, token_hashes
 from operators.dedup.text import normalize, tokens
 from pipeline.schema import rows_to_table
 
@@ -79,7 +79,7 @@ def test_vectorised_tokens_equal_reference_tokeniser(texts):
     th, counts = token_hashes(texts)
     ref = [tokens(t) for t in texts]
     assert counts.tolist() == [len(r) for r in ref]
-    assert th.tolist() == [_token_hash(tok) for r in ref for tok in r]
+    assert th.tolist() == [token_hash(tok) for r in ref for tok in r]
 
 
 @settings(max_examples=60, deadline=None)
@@ -242,4 +242,25 @@ def test_token_hash_is_polynomial_per_token():
     rnd = random.Random(0)
     words = ["".join(rnd.choice("abcdef") for _ in range(rnd.randrange(1, 9))) for _ in range(50)]
     th, counts = token_hashes([" ".join(words)])
-    assert counts.tolist() == [50] and th.tolist() == [_token_hash(w) for w in words]
+    assert counts.tolist() == [50] and th.tolist() == [token_hash(w) for w in words]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), max_size=30), min_size=1, max_size=4))
+def test_partitions_through_storage_keep_every_row_once(tmp_path_factory, writers):
+    """Writers' rows cut into 7 hash partitions (empty ones included) come back per partition, all once."""
+    from pipeline.exchange import read_part, union, write_parts
+
+    folder = tmp_path_factory.mktemp("parts")
+    schema = pa.schema([("w", pa.int64()), ("i", pa.int64()), ("p", pa.int64())])
+    parts = []
+    for w, ps in enumerate(writers):
+        t = pa.table({"w": [w] * len(ps), "i": list(range(len(ps))), "p": ps}, schema=schema)
+        parts.append(write_parts(t, np.array(ps, dtype=np.int64), 7, str(folder / f"{w}.parquet")))
+    both = union(parts, 7)
+    assert both.rows() == sum(map(len, writers))
+    for p in range(7):
+        got = read_part(both.slices(p), schema)
+        assert set(got.column("p").to_pylist()) <= {p}
+        want = sorted((w, i) for w, ps in enumerate(writers) for i, q in enumerate(ps) if q == p)
+        assert sorted(zip(got.column("w").to_pylist(), got.column("i").to_pylist())) == want

@@ -9,11 +9,19 @@ import random
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from ray.data import ExecutionResources
 
-from pipeline.dedup_stage import DedupConfig, dedup_dataset, dedup_decisions
+from pipeline.dedup_stage import (
+    DedupConfig,
+    StoreBytes,
+    decisions_by_shard,
+    dedup_dataset,
+    dedup_decisions,
+    row_keys,
+)
 from pipeline.schema import rows_to_table
 
 DATA = Path(__file__).parent / "data" / "dedup_python_docs.jsonl.gz"
@@ -195,3 +203,49 @@ def test_decisions_only_equal_the_full_stage(ray_local, planted, result):
 def test_empty_input(ray_local):
     ds = ray_local.data.from_arrow(rows_to_table([]))
     assert dedup_decisions(ds).count() == 0
+
+
+def _key_files(rows: list[dict], folder: Path, shards: int, copies: dict[str, str]) -> list[str]:
+    """Key files as the curate runner writes them: one per shard, `copies` (copy id -> original id)
+    are repeat_time rows that carry their original's `orig`."""
+    files = []
+    for k in range(shards):
+        part = [r for i, r in enumerate(rows) if i % shards == k]
+        t = row_keys(rows_to_table(part), DedupConfig())
+        ids = t.column("id").to_pylist()
+        t = (t.append_column("orig", pa.array([copies.get(i, i) for i in ids], pa.string()))
+             .append_column("_shard", pa.array([f"s{k}"] * len(part), pa.string()))
+             .append_column("_row", pa.array(range(len(part)), pa.int64())))
+        files.append(str(folder / f"s{k}.keys.parquet"))
+        pq.write_table(t, files[-1])
+    return files
+
+
+def _shard_decisions(folder: Path) -> dict[str, tuple[str, str]]:
+    out = {}
+    for f in sorted(folder.glob("*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            out[r["id"]] = (r["dedup_rule"], r["dup_of"])
+    return out
+
+
+def test_decisions_by_shard_follow_originals_and_not_the_partitioning(ray_local, planted, result, tmp_path):
+    """Decisions per shard from key files: the same as the Dataset stage, copies take their original's,
+    the same with 1 or many partitions per step (cross-task verification), and only file names and
+    counts go through the object store (far less than one signature per key row)."""
+    rows, _ = planted
+    removed = {i: v for i, v in result.items() if v[0]}
+    kept_one, gone_one = next(i for i, v in result.items() if not v[0]), next(iter(removed))
+    copies = {f"{kept_one}#r1": kept_one, f"{gone_one}#r1": gone_one}
+    extra = [{**next(r for r in rows if r["id"] == o), "id": c, "conversations": [{"from": "gpt", "value": "x"}]}
+             for c, o in copies.items()]  # a copy's own text never matters: it follows its original
+    files = _key_files(rows + extra, tmp_path, 5, copies)
+    store = StoreBytes()
+    stats = decisions_by_shard(files, DedupConfig(), str(tmp_path / "one"), store)
+    got = _shard_decisions(tmp_path / "one")
+    assert got == {**removed, f"{gone_one}#r1": removed[gone_one]}
+    assert stats["removed"] == len(removed) and sum(stats["by_rule"].values()) == len(removed)
+    assert 0 < store.total < 512 * len(rows), store.total
+    many = decisions_by_shard(files, DedupConfig(rows_per_partition=40), str(tmp_path / "many"))
+    assert _shard_decisions(tmp_path / "many") == got and many["by_rule"] == stats["by_rule"]
+    assert not (tmp_path / "one" / "_work").exists()  # the partitions are removed

@@ -1,6 +1,7 @@
 """Exact, MinHash near-duplicate and image near-duplicate dedup: the per-row and per-partition pieces.
 
-The global Ray stage that wires them together is pipeline/dedup_stage.py (`dedup_dataset`).
+The global stage that wires them together, as Ray tasks over partitions in storage, is
+pipeline/dedup_stage.py (`decisions_by_shard`, `dedup_dataset`).
 """
 
 from operators.dedup.exact import content_hash, content_hashes

@@ -1,8 +1,10 @@
 """Graph steps of dedup over pyarrow tables: bucket star edges, connected components, survivors.
 
 Every function works on one partition and is plain pyarrow/numpy, so it is unit-tested without Ray;
-pipeline/dedup_stage.py runs them over hash partitions of a Ray Dataset. Nodes are row ids (strings):
-"lowest id" is pyarrow's string order (code-point order, same as Python's).
+pipeline/dedup_stage.py runs them over hash partitions in storage (pipeline/exchange.py). Nodes are row ids (strings):
+"lowest id" is pyarrow's string order (code-point order, same as Python's). Group-bys and joins run
+single-threaded: each runs inside a one-CPU task, and threaded Acero plans failed in Ray workers
+("thread index out of range", pyarrow's thread pool sized for another CPU count).
 
 Connected components, distributed: the alternating large-star / small-star rounds of Kiveris et al.,
 "Connected Components in MapReduce and Beyond" (SoCC 2014), as text-dedup's Spark MinHash uses them.
@@ -20,17 +22,17 @@ import pyarrow.compute as pc
 EDGE_SCHEMA = pa.schema([("u", pa.string()), ("v", pa.string())])
 
 
-def _edges(u: pa.Array, v: pa.Array) -> pa.Table:
+def distinct_edges(u: pa.Array, v: pa.Array) -> pa.Table:
     """Distinct edges, self-loops dropped (they join nothing)."""
     t = pa.table({"u": pc.cast(u, pa.string()), "v": pc.cast(v, pa.string())})
     t = t.filter(pc.not_equal(t.column("u"), t.column("v")))
-    return t.group_by(["u", "v"]).aggregate([]) if t.num_rows else EDGE_SCHEMA.empty_table()
+    return t.group_by(["u", "v"], use_threads=False).aggregate([]) if t.num_rows else EDGE_SCHEMA.empty_table()
 
 
 def _min_per(table: pa.Table, key: str, value: str, name: str) -> pa.Table:
     """`table` with a column `name` = min(value) over the rows sharing `key`."""
-    mins = table.group_by(key).aggregate([(value, "min")]).rename_columns([key, name])
-    return table.join(mins, key)
+    mins = table.group_by(key, use_threads=False).aggregate([(value, "min")]).rename_columns([key, name])
+    return table.join(mins, key, use_threads=False)
 
 
 def bucket_star_edges(table: pa.Table) -> pa.Table:
@@ -42,11 +44,11 @@ def bucket_star_edges(table: pa.Table) -> pa.Table:
         return EDGE_SCHEMA.empty_table()
     t = table.select(["band", "key", "id"])
     t = t.set_column(2, "id", pc.cast(t.column("id"), pa.string()))
-    mins = t.group_by(["band", "key"]).aggregate([("id", "min"), ("id", "count")])
+    mins = t.group_by(["band", "key"], use_threads=False).aggregate([("id", "min"), ("id", "count")])
     mins = mins.filter(pc.greater(mins.column("id_count"), 1))
-    t = t.join(mins.select(["band", "key", "id_min"]), ["band", "key"])
+    t = t.join(mins.select(["band", "key", "id_min"]), ["band", "key"], use_threads=False)
     t = t.filter(pc.not_equal(t.column("id"), t.column("id_min")))
-    return _edges(t.column("id"), t.column("id_min"))
+    return distinct_edges(t.column("id"), t.column("id_min"))
 
 
 def both_directions(edges: pa.Table) -> pa.Table:
@@ -64,7 +66,7 @@ def large_star(edges: pa.Table) -> pa.Table:
     t = _min_per(edges, "u", "v", "m")
     m = pc.min_element_wise(t.column("m"), t.column("u"))
     keep = pc.greater(t.column("v"), t.column("u"))
-    return _edges(pc.filter(t.column("v"), keep), pc.filter(m, keep))
+    return distinct_edges(pc.filter(t.column("v"), keep), pc.filter(m, keep))
 
 
 def orient_down(edges: pa.Table) -> pa.Table:
@@ -85,7 +87,7 @@ def small_star(edges: pa.Table) -> pa.Table:
     nodes = pa.concat_arrays([t.column("v").combine_chunks(), t.column("u").combine_chunks()])
     mins = pa.concat_arrays([t.column("m").combine_chunks(), t.column("m").combine_chunks()])
     keep = pc.not_equal(nodes, mins)
-    return _edges(pc.filter(nodes, keep), pc.filter(mins, keep))
+    return distinct_edges(pc.filter(nodes, keep), pc.filter(mins, keep))
 
 
 def union_find(u: list[str], v: list[str]) -> dict[str, str]:
@@ -143,7 +145,7 @@ def is_star_forest(both: pa.Table) -> bool:
         return True
     smaller = pc.less(both.column("v"), both.column("u"))
     t = pa.table({"u": both.column("u"), "s": pc.cast(smaller, pa.int64()), "g": pc.cast(pc.invert(smaller), pa.int64())})
-    agg = t.group_by("u").aggregate([("s", "sum"), ("g", "sum")])
+    agg = t.group_by("u", use_threads=False).aggregate([("s", "sum"), ("g", "sum")])
     s, g = agg.column("s_sum").to_numpy(), agg.column("g_sum").to_numpy()
     return bool(np.all((s == 0) | ((s == 1) & (g == 0))))
 
@@ -151,7 +153,7 @@ def is_star_forest(both: pa.Table) -> bool:
 def components_by_stars(edges: pa.Table, max_rounds: int = 100) -> pa.Table:
     """Single-process driver of the large-star/small-star rounds (what the Ray stage does per
     partition): edges (u, v) -> (u=node, v=smallest node of its component) for non-minimum nodes."""
-    cur = _edges(edges.column("u"), edges.column("v"))
+    cur = distinct_edges(edges.column("u"), edges.column("v"))
     for _ in range(max_rounds):
         both = both_directions(cur)
         if is_star_forest(both):

@@ -12,16 +12,19 @@ import pyarrow as pa
 import xxhash
 
 from operators.base import conversation_texts
-from operators.dedup.minhash import _pieces, token_hashes
+from operators.dedup.minhash import TokenHasher, doc_pieces
 
 
-def content_hashes_of(texts: list[str], images: list[list[bytes] | None]) -> list[bytes | None]:
+def content_hashes_of(texts: list[str], images: list[list[bytes] | None],
+                      tokens: TokenHasher | None = None) -> list[bytes | None]:
     """Per document, xxh3-128 of its token hashes, then of each image (length-prefixed); None for a
-    text that normalises to nothing (no tokens), which must never make an exact-duplicate group."""
+    text that normalises to nothing (no tokens), which must never make an exact-duplicate group.
+    `tokens`: a TokenHasher to reuse (a MinHasher's), else one is built."""
+    tokens = tokens or TokenHasher()
     out: list[bytes | None] = []
     start = 0
-    for piece in _pieces(texts):
-        th, counts = token_hashes(piece)
+    for piece in doc_pieces(texts):
+        th, counts = tokens.token_hashes(piece)
         raw = th.tobytes()
         pos = 0
         for k, c in enumerate(counts.tolist()):
@@ -43,8 +46,8 @@ def content_hash(text: str, images: list[bytes] | None = None) -> bytes | None:
     return content_hashes_of([text], [images])[0]
 
 
-def content_hashes(table: pa.Table) -> list[bytes | None]:
+def content_hashes(table: pa.Table, tokens: TokenHasher | None = None) -> list[bytes | None]:
     """Per row of a canonical table: the content hash of all turns' text and the row's images."""
     texts = conversation_texts(table, "all")
     images = table.column("images").to_pylist() if "images" in table.column_names else [None] * len(texts)
-    return content_hashes_of(texts, images)
+    return content_hashes_of(texts, images, tokens)

@@ -9,10 +9,10 @@ least one band exactly (pigeonhole), so exact band matches give every candidate 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
+
+from operators.images import ImageError, ImageProblem, decode_image
 
 _N, _K = 32, 8
 
@@ -30,9 +30,12 @@ _BITS = np.uint64(1) << np.arange(64, dtype=np.uint64)[::-1]
 
 
 def phash(data: bytes) -> int:
-    """64-bit pHash of encoded image bytes (first frame); raises on bytes PIL cannot decode."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGBA")  # transparent pixels count as white, as when a PNG is flattened to JPEG
+    """64-bit pHash of encoded image bytes (first frame); raises ImageError (operators/images.py's policy)."""
+    with decode_image(data) as im:
+        try:
+            im = im.convert("RGBA")  # transparent pixels count as white, as when a PNG is flattened to JPEG
+        except Exception as e:  # a mode PIL cannot convert (rare palette/CMYK corruptions)
+            raise ImageError(ImageProblem.BROKEN_DATA, str(e) or type(e).__name__) from None
         flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
         flat.alpha_composite(im)
         grey = np.asarray(flat.convert("L").resize((_N, _N), Image.Resampling.LANCZOS), dtype=np.float64)

@@ -8,12 +8,10 @@ negatives above it, exactly as `datasketch.lsh._optimal_param` does (same integr
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 from scipy.integrate import quad
 
-from operators.dedup.minhash import _fmix64
+from operators.dedup.minhash import fmix64
 
 _PRIME64 = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: multiplies in each row of a band
 
@@ -26,7 +24,6 @@ def _false_negative_area(threshold: float, b: int, r: int) -> float:
     return quad(lambda s: 1 - (1 - (1 - s ** float(r)) ** float(b)), threshold, 1.0)[0]
 
 
-@lru_cache(maxsize=64)
 def optimal_param(
     threshold: float, num_perm: int, false_positive_weight: float = 0.5, false_negative_weight: float = 0.5
 ) -> tuple[int, int]:
@@ -56,7 +53,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             for j in range(i * rows, (i + 1) * rows):
                 h ^= sig[:, j].astype(np.uint64)
                 h *= _PRIME64
-            out[:, i] = _fmix64(h)
+            out[:, i] = fmix64(h)
     return out.view(np.int64)
 
 
