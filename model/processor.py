@@ -8,8 +8,9 @@ where an image goes -- the processor expands it to `<img>` + `<IMG_CONTEXT>` x 2
 training renders for `<image>\\n` (model.tokenizer.render_sample; tests/test_processor.py checks it).
 
 The files are written directly (`processor_config.json`, `preprocessor_config.json`, tokenizer files,
-`chat_template.jinja`) because `InternVLProcessor` itself cannot be built without torchvision, which this
-project must not install; a user's transformers with torchvision reads them as the class would write them.
+`chat_template.jinja`) because `InternVLProcessor` itself cannot be built without torchvision (its video
+processor is torchvision-only, huggingface/transformers#48558), which this project must not install; a user's
+transformers with torchvision reads them as the class would write them.
 """
 
 from __future__ import annotations

@@ -70,7 +70,6 @@ class TrainJob:
     use_gpu: bool = False
     stop_at_step: int | None = None  # stop (checkpointed) after this step, as an interruption would
     fingerprint: list = field(default_factory=list)  # [file name, bytes, rows] per shard; resume checks it
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- FLOPs / MFU
