@@ -565,18 +565,22 @@ def _ngram_reason(words: list[str], p: TextRuleParams, scale: int = 1) -> str:
     the positions (an argsort) are taken only when a bound cannot rule the n-gram out."""
     n_words = len(words)
     cum = np.zeros(n_words + 1, np.int64)
-    np.cumsum(np.fromiter(map(len, words), np.int64, n_words), out=cum[1:])
+    lens = np.fromiter(map(len, words), np.int64, n_words)
+    np.cumsum(lens, out=cum[1:])
     total = int(cum[-1])
     if n_words < 2 or not total:
         return ""
+    max_len = int(lens.max())  # an n-gram has at most n * max_len chars: a bound before the exact longest
     hashes = _NgramHashes(np.fromiter(map(hash, words), np.int64, n_words).view(np.uint64))
     cmax = None
     for rule_n, frac in sorted(p.top_ngram_char_frac.items()):
         n = rule_n * scale
         if n_words < n:
             continue
+        if cmax is not None and (cmax < 2 or cmax * n * max_len / total <= frac):
+            continue
         longest = int((cum[n:] - cum[:-n]).max())
-        if cmax is not None and (cmax < 2 or cmax * longest / total <= frac):
+        if cmax is not None and cmax * longest / total <= frac:
             continue  # even cmax occurrences of the longest n-gram would cover too little
         sorted_h = np.sort(hashes(n))
         cmax = _max_run(sorted_h)
@@ -588,6 +592,8 @@ def _ngram_reason(words: list[str], p: TextRuleParams, scale: int = 1) -> str:
     for rule_n, frac in sorted(p.dup_ngram_char_frac.items()):
         n = rule_n * scale
         if n_words < n or (covered_max is not None and covered_max / total <= frac):
+            continue
+        if n_copies is not None and n_copies * n * max_len / total <= frac:
             continue
         longest = int((cum[n:] - cum[:-n]).max())
         if n_copies is not None and n_copies * longest / total <= frac:
