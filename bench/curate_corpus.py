@@ -3,7 +3,8 @@
 n-gram repetition, fastText language ID, exact + MinHash dedup) over the real text corpus through Ray,
 against the runner of commit bbfa868 (`git show bbfa868:pipeline/curate.py`, loaded as a module) in the
 same process, and the same runner on 1 core (CPU affinity {0}, Ray num_cpus 1) against all cores.
-Ray start-up is excluded from every figure (Ray is started, then the job is timed).
+Ray start-up is excluded from every figure (Ray is started and one task per core has run, then the job
+is timed); `summary.json: phase_seconds` says where the job's seconds went.
 The corpus documents become one-turn samples (the document is the assistant turn), written as
 canonical Parquet shards of 1,000 rows first (not timed).
 Usage: .venv/bin/python bench/curate_corpus.py [--corpus /tmp/text-corpus/corpus.jsonl] [--limit N]
@@ -72,6 +73,10 @@ def kept_ids(out: str) -> list[str]:
     return sorted(i for f in glob.glob(f"{out}/kept/*.parquet") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
 
 
+def worker_pid() -> int:
+    return os.getpid()
+
+
 def timed(run, cfg, inp: str, out: str, cores: int) -> tuple[float, dict]:
     import ray
 
@@ -79,6 +84,7 @@ def timed(run, cfg, inp: str, out: str, cores: int) -> tuple[float, dict]:
 
     os.sched_setaffinity(0, set(range(cores)))  # Ray's raylet and workers inherit the driver's CPUs
     init_ray(num_cpus=cores)
+    ray.get([ray.remote(worker_pid).remote() for _ in range(cores)])  # start-up: Ray's worker processes are up
     try:
         t = time.perf_counter()
         s = run(inp, out, cfg)
@@ -124,6 +130,7 @@ def main():
           f"rejected {s['rejected']} (dedup: {s.get('dedup', {}).get('by_rule')})")
     print("  CPU seconds per stage (summed over workers):",
           ", ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()))
+    print("  wall seconds per phase of the job:", ", ".join(f"{k} {v:.1f}" for k, v in s["phase_seconds"].items()))
     store = s["object_store_bytes"]
     print(f"  bytes through Ray's object store: {store / 1e6:.2f} MB = {store / arrow_bytes:.3f}x the input's Arrow "
           f"bytes ({store / file_bytes:.3f}x its Parquet bytes)")

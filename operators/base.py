@@ -1,6 +1,6 @@
 """The operator contract: a plain class with `setup()` and a call over a pyarrow.Table.
 
-An operator never starts Ray, parses flags or writes files (DESIGN.md). It returns a `Verdict`:
+An operator never starts Ray, parses flags or writes files (ARCHITECTURE.md). It returns a `Verdict`:
 per row a decision (KEEP / REVIEW / REJECT), the rule that fired (the runner prefixes the operator
 name, giving `reject_reason = "<operator>:<rule>"`), and score columns to keep on every row.
 """
@@ -37,8 +37,9 @@ class Operator:
     """Base class. Subclasses set `name`, declare `Params` (a pydantic model) and implement `__call__`."""
 
     name: ClassVar[str] = "operator"
-    needs_model: ClassVar[bool] = False  # True: the runner uses an actor pool and calls setup() once
-    num_gpus: ClassVar[float] = 0.0
+    needs_model: ClassVar[bool] = False  # True: setup() loads a model, once per worker process or actor
+    num_gpus: ClassVar[float] = 0.0  # GPUs one instance needs: > 0 puts it in an actor pool sized by the GPUs
+    num_cpus: ClassVar[float] = 1.0  # CPUs one instance uses (an actor pool of a CPU model holder is sized by it)
 
     def setup(self) -> None:  # load models once per worker
         pass
@@ -47,7 +48,8 @@ class Operator:
         raise NotImplementedError
 
     def thresholds(self) -> dict[str, list[float]]:
-        """Score column -> the values this operator cuts at, for the report's histograms."""
+        """Score column -> the values this operator cuts at, drawn on the report's histogram of that column
+        (every float `score_*` column an operator adds gets a fixed-bin histogram in the markers)."""
         return {}
 
 

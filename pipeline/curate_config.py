@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import operators
 from operators.base import build_operator
 
 
@@ -20,9 +23,7 @@ def bundled_config(name: str = "curate.yaml") -> str:
 
 
 DEFAULT_CONFIG = bundled_config()
-OPERATOR_MODULES = ("operators.text_rules", "operators.ngram_repetition", "operators.image_checks",
-                    "operators.fasttext_ops", "operators.llm")
-LLM_OP = "llm_quality"
+LLM_OP = "llm_quality"  # the stage distillation replaces (pipeline/distill_stage.py)
 
 
 class DedupConfig(BaseModel):
@@ -131,8 +132,22 @@ class CurateConfig(BaseModel):
         return self
 
 
+def operator_modules() -> list[str]:
+    """The modules and packages of `operators/` that register operators (their source says `@register`),
+    found on disk, so a new operator family needs no list here; helpers such as `operators.dedup` (which
+    would import datasketch) are not imported."""
+    found = []
+    for info in pkgutil.iter_modules(operators.__path__):
+        where = Path(info.module_finder.path) / info.name
+        files = sorted(where.glob("*.py")) if info.ispkg else [where.with_suffix(".py")]
+        if any("@register" in f.read_text() for f in files if f.exists()):
+            found.append(f"operators.{info.name}")
+    return found
+
+
 def load_operators() -> None:
-    for mod in OPERATOR_MODULES:
+    """Import every operator module, so the registry knows every `op:` name."""
+    for mod in operator_modules():
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -152,15 +167,15 @@ def load_curate_config(path: str | None) -> CurateConfig:
     except OSError as e:
         raise FileNotFoundError(f"config {path}: {e.strerror}") from None
     except (yaml.YAMLError, ValidationError, TypeError) as e:
-        raise ValueError(f"config {path}: {_one_line(e)}") from None
+        raise ValueError(f"config {path}: {one_line(e)}") from None
     load_operators()
     names = set()
     for i, spec in enumerate(cfg.stages):
         try:
-            build_operator(_op_spec(spec))
+            build_operator(op_spec(spec))
         except (ValidationError, ValueError, TypeError) as e:
-            raise ValueError(f"config {path}: stage {i} ({spec.get('op')}): {_one_line(e)}") from None
-        name = _stage_name(spec)
+            raise ValueError(f"config {path}: stage {i} ({spec.get('op')}): {one_line(e)}") from None
+        name = stage_name(spec)
         if name in names:
             raise ValueError(f"config {path}: two stages are named {name!r}; give one a `name:`")
         names.add(name)
@@ -168,20 +183,23 @@ def load_curate_config(path: str | None) -> CurateConfig:
         try:
             DedupConfig(**cfg.dedup)
         except ValidationError as e:
-            raise ValueError(f"config {path}: dedup: {_one_line(e)}") from None
+            raise ValueError(f"config {path}: dedup: {one_line(e)}") from None
     return cfg
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """An exception as one line: a validation error's first field and message, else its first line."""
     if isinstance(e, ValidationError):
         err = e.errors()[0]
         return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _op_spec(spec: dict) -> dict:
+def op_spec(spec: dict) -> dict:
+    """A stage without its `name:` label: what the operator's constructor takes."""
     return {k: v for k, v in spec.items() if k != "name"}
 
 
-def _stage_name(spec: dict) -> str:
+def stage_name(spec: dict) -> str:
+    """A stage's label: its `name:`, else the operator's name (a plugin's class name)."""
     return spec.get("name") or str(spec["op"]).rpartition(":")[2]

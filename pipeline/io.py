@@ -321,10 +321,6 @@ def write_marker(out_dir: str, key: str, payload: dict) -> None:
     atomic_write_bytes(marker_path(out_dir, key), json.dumps(payload, sort_keys=True).encode())
 
 
-def all_markers(out_dir: str) -> list[dict]:
-    return [json.loads(read_bytes(f)) for f in list_files(join(out_dir, "_done"), ".json", recursive=False)]
-
-
 # ---- atomic writes -------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -367,12 +363,19 @@ def split_table(table: pa.Table, rows_per_shard: int, bytes_per_shard: int = DEF
     return [table.slice(i, step) for i in range(0, table.num_rows, step)]
 
 
-def write_shards(table: pa.Table, folder: str, key: str, fmt: str, rows_per_shard: int) -> list[str]:
-    """Write `table` as `folder/<key>-<part>.<ext>` files; returns their paths (none for an empty table)."""
-    paths = []
+def write_shards(table: pa.Table, folder: str, key: str, fmt: str, rows_per_shard: int,
+                 input_rows: pa.Array | None = None) -> list[str]:
+    """Write `table` as `folder/<key>-<part>.<ext>` files; returns their paths (none for an empty table).
+    With `input_rows` (each row's position in the input shard `key`, ascending) a part is named by the
+    input rows it spans instead, `<key>-r<first>-<last>`, so every file says where its rows came from."""
+    paths, start = [], 0
     for i, part in enumerate(split_table(table, rows_per_shard)):
         ext = "parquet" if fmt == "parquet" else "tar"
-        path = join(folder, f"{key}-{i:03d}.{ext}")
+        name = f"{key}-{i:03d}"
+        if input_rows is not None:
+            name = f"{key}-r{input_rows[start].as_py():07d}-{input_rows[start + part.num_rows - 1].as_py():07d}"
+            start += part.num_rows
+        path = join(folder, f"{name}.{ext}")
         if fmt == "parquet":
             write_parquet_atomic(part, path)
         else:

@@ -147,11 +147,13 @@ class Marker:
     sources: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> {input, kept, rejected, review}
     stages: dict[str, StageStat] = field(default_factory=dict)
     histograms: dict[str, Histogram] = field(default_factory=dict)  # score column -> histogram
+    operators: dict[str, dict[str, int]] = field(default_factory=dict)  # operator -> {split: reasons it gave}
     files: list[str] = field(default_factory=list)  # outputs, relative to OUT
     extra: dict = field(default_factory=dict)  # job-specific figures (JSON values)
 
-    def add_rows(self, split: str, sources: Iterable[str], reasons: Iterable[str] = ()) -> None:
-        """Count rows routed to `split`, one source per row, and their reasons (";"-joined for review)."""
+    def add_rows(self, split: str, sources: Iterable[str], reasons: Iterable[str | list[str]] = ()) -> None:
+        """Count rows routed to `split`, one source per row, and their reasons: per row one reason, or
+        the list of them (a review row may have several)."""
         n = 0
         for src in sources:
             c = self.sources.setdefault(src, {"input": 0, **{s: 0 for s in SPLITS}})
@@ -161,9 +163,14 @@ class Marker:
         setattr(self, split, getattr(self, split) + n)
         target = self.review_reasons if split == "review" else self.reasons
         for r in reasons:
-            for part in r.split(";") if split == "review" else [r]:
+            for part in [r] if isinstance(r, str) else r:
                 if part:
                     target[part] = target.get(part, 0) + 1
+
+    def add_operator(self, operator: str, split: str, n: int = 1) -> None:
+        """Count a reason `operator` gave for a row routed to `split` (the report's per-operator table)."""
+        c = self.operators.setdefault(operator, {})
+        c[split] = c.get(split, 0) + n
 
     def add_stage(self, name: str, seconds: float, rows: int) -> None:
         s = self.stages.setdefault(name, StageStat())
@@ -232,6 +239,9 @@ def merge(markers: list[Marker]) -> dict:
             total.add_stage(k, st.seconds, st.rows)
         for k, h in m.histograms.items():
             total.histograms.setdefault(k, Histogram()).merge(h)
+        for op, c in m.operators.items():
+            for split, n in c.items():
+                total.add_operator(op, split, n)
     return {
         "input": total.input, **{s: getattr(total, s) for s in SPLITS},
         "reasons": dict(sorted(total.reasons.items())), "review_reasons": dict(sorted(total.review_reasons.items())),
@@ -239,6 +249,7 @@ def merge(markers: list[Marker]) -> dict:
         "stage_seconds": {k: round(v.seconds, 3) for k, v in total.stages.items()},
         "stage_rows": {k: v.rows for k, v in total.stages.items()},
         "histograms": {k: asdict(v) for k, v in sorted(total.histograms.items())},
+        **({"operators": dict(sorted(total.operators.items()))} if total.operators else {}),  # jobs whose rows get reasons
         "units": len(markers),
     }
 
@@ -257,6 +268,4 @@ def check_accounting(summary: dict, markers: list[Marker] | None = None, splits=
             raise AccountingError(f"source {src}: {c}")
 
 
-def histogram_from_summary(summary: dict, column: str) -> Histogram:
-    return Histogram(**summary["histograms"][column])
 

@@ -16,7 +16,18 @@ import sys
 
 import ray
 
-_job_name = "ivl"  # this process's ivl job, set by init_ray; names its datasets
+JOB_KEY = "ivl_job_name"  # this process's ivl job, kept on Ray Data's context by init_ray; names its datasets
+
+
+def _data_context():
+    import ray.data
+
+    return ray.data.DataContext.get_current()
+
+
+def job_name() -> str:
+    """This driver's ivl job (`ivl-curate`, ...), `ivl` before init_ray named it."""
+    return _data_context().get_config(JOB_KEY, "ivl")
 
 
 def job_from_argv(argv: list[str] | None = None) -> tuple[str, str | None]:
@@ -39,27 +50,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, job_name: 
     """Start (or join) Ray once per process. Inside a submitted Ray job, RAY_ADDRESS is set and used.
 
     `job_name` (default: `ivl-<command>` from the command line) goes into the job's metadata."""
-    global _job_name
     argv_name, out = job_from_argv()
+    ctx = _data_context()
     if ray.is_initialized():
-        _job_name = job_name or _job_name  # a driver someone else started: its datasets still get our name
+        if job_name:  # a driver someone else started: its datasets still get our name
+            ctx.set_config(JOB_KEY, job_name)
         return
-    _job_name = job_name or argv_name
+    name = job_name or argv_name
+    ctx.set_config(JOB_KEY, name)
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, namespace="ivl",
-                  job_config=ray.job_config.JobConfig(metadata=job_metadata(_job_name, out)))
+                  job_config=ray.job_config.JobConfig(metadata=job_metadata(name, out)))
     if address:
         ray.init(address=address, **kwargs)
         return
     dashboard = importlib.util.find_spec("ray.dashboard") is not None  # present with ray[default]
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
-    ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("IVL_PROGRESS", "1") != "0"
 
 
 def dataset_name(stage: str) -> str:
     """`<ivl job>:<stage>`, e.g. `ivl-curate:operators`: a Ray Data dataset's name on the dashboard."""
-    return f"{_job_name}:{stage}"
+    return f"{job_name()}:{stage}"
 
 
 def name_dataset(ds: ray.data.Dataset, stage: str) -> ray.data.Dataset:

@@ -16,10 +16,11 @@ from helpers import tree_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from operators.base import KEEP, REJECT, REVIEW, Operator, Verdict
+from operators.base import REJECT, REVIEW, Operator, Verdict
 from pipeline.curate import CurateConfig, apply_verdict, load_curate_config, route_table, run_curate
 from pipeline.io import write_parquet_atomic
 from pipeline.schema import CANONICAL
+from pipeline.verdicts import with_routing
 
 
 class MarkerRule(Operator):
@@ -49,10 +50,7 @@ def make_table(answers, source="s", shard="k"):
     rows = [{"id": f"{source}/{i}", "source": source, "category": "", "meta": "{}", "images": [],
              "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}]} for i, a in enumerate(answers)]
     t = pa.Table.from_pylist(rows, schema=CANONICAL)
-    n = t.num_rows
-    return (t.append_column("_shard", pa.array([shard] * n)).append_column("_row", pa.array(range(n), pa.int64()))
-            .append_column("_decision", pa.array([KEEP] * n, pa.int8()))
-            .append_column("reject_reason", pa.array([""] * n)).append_column("review_reason", pa.array([""] * n)))
+    return with_routing(t.append_column("_shard", pa.array([shard] * t.num_rows)))
 
 
 TAGS = st.sampled_from(["fine answer", "REJECT-a", "REJECT-b", "REVIEW-c", "REVIEW-d REJECT-a", "REVIEW-c REVIEW-d"])
@@ -63,7 +61,7 @@ TAGS = st.sampled_from(["fine answer", "REJECT-a", "REJECT-b", "REVIEW-c", "REVI
 def test_every_row_lands_in_exactly_one_split(tmp_path_factory, answers):
     out = tmp_path_factory.mktemp("route")
     table = apply_verdict(make_table(answers), "first", MarkerRule())
-    table = apply_verdict(table.drop_columns(["_sec_first"]), "second", MarkerRule())
+    table = apply_verdict(table, "second", MarkerRule())
     m = route_table(table, str(out), "k", "parquet", 7)
     kept, rej, rev = (read_rows(out / s) if (out / s).exists() else [] for s in ("kept", "rejected", "review"))
     assert m["input"] == len(answers) == len(kept) + len(rej) + len(rev)

@@ -61,7 +61,7 @@ def test_markers_round_trip_merge_and_catch_a_lost_row(tmp_path):
     m = Marker(key="a", input=4)
     m.add_rows("kept", ["s1", "s1"])
     m.add_rows("rejected", ["s2"], ["op:x"])
-    m.add_rows("review", ["s1"], ["op:y;op2:z"])
+    m.add_rows("review", ["s1"], [["op:y", "op2:z"]])  # a review row may carry several reasons
     m.add_stage("op", 0.5, 4)
     m.add_scores("score_x", [0.11, 0.114, None])
     commit(out, m)
