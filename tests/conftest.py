@@ -61,8 +61,15 @@ def ray_local():
     if not ray.is_initialized():
         # workers import test-defined operator plugins (`test_module:Class`) from tests/
         path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+        for attempt in range(3):  # Ray waits a fixed 30 s for its raylet: a loaded 2-core machine can miss it
+            try:
+                ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": path}})
+                break
+            except Exception as e:
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                ray.shutdown()
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
 

@@ -37,26 +37,9 @@ def test_fsdp2_interrupted_and_resumed_matches_ddp(ray_local, train_tok, tmp_pat
 
     data = small_packed_dataset(tmp_path / "packed", train_tok, n_rows=4, per_row=2, max_tiles=1)
     cfg = {"warmup_steps": 0, "save_every": 1}
-    run_train(
-        "2",
-        data,
-        "tiny",
-        tmp_path / "fsdp",
-        workers=2,
-        config={**cfg, "fsdp": True},
-        max_steps=2,
-        stop_at_step=1,
-    )
-    run_train(
-        "2",
-        data,
-        "tiny",
-        tmp_path / "fsdp",
-        workers=2,
-        config={**cfg, "fsdp": True},
-        max_steps=2,
-        resume=True,
-    )
+    fsdp = {"workers": 2, "config": {**cfg, "fsdp": True}, "max_steps": 2}
+    run_train("2", data, "tiny", tmp_path / "fsdp", stop_at_step=1, **fsdp)
+    run_train("2", data, "tiny", tmp_path / "fsdp", resume=True, **fsdp)
     run_train("2", data, "tiny", tmp_path / "ddp", workers=2, config=cfg, max_steps=2)
     f, d = (
         [json.loads(ln) for ln in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]

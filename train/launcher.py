@@ -2,16 +2,19 @@
 
 The driver counts the packed rows, fixes the data plan (train.data.make_plan), finds the checkpoint to
 resume from, and gives each rank a Ray Dataset of its own plan from that point on; Ray Data's
-`map_batches` does the image work on CPU workers and the GPUs only train (DESIGN.md, "Plain PyTorch in the
-worker loop"). Outputs: OUT/checkpoints/step_N/, OUT/ (final HF model = next stage's --model),
+`map_batches` does the image work on CPU workers and the GPUs only train (plain PyTorch in the worker
+loop; ARCHITECTURE.md). Outputs: OUT/checkpoints/step_N/, OUT/ (final HF model = next stage's --model),
 OUT/metrics.jsonl, OUT/report/{summary.json,loss.png,throughput.png}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from train.checkpoint import latest_checkpoint, load_trainer_state
@@ -89,6 +92,7 @@ def plan_job(
         use_gpu=use_gpu,
         stop_at_step=stop_at_step,
         fingerprint=fingerprint,
+        planned_at=time.time(),
     )
 
 
@@ -97,26 +101,41 @@ def run_train(
     data: str | Path,
     model: str | Path,
     out: str | Path,
-    resume: bool = False,
-    workers: int = 1,
-    use_gpu: bool = False,
-    config: str | Path | dict | None = None,
-    max_steps: int | None = None,
     use_ray: bool = True,
     address: str | None = None,
-    stop_at_step: int | None = None,
     cpus_per_worker: float = 1.0,
     max_failures: int = 3,
-    overrides: dict | None = None,
+    **plan,
 ) -> dict:
-    """Train one stage; returns the summary written to OUT/report/summary.json."""
+    """Train one stage; returns the summary written to OUT/report/summary.json. `plan` holds `plan_job`'s
+    options (resume, workers, use_gpu, config, max_steps, stop_at_step, overrides)."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    job = plan_job(stage, data, model, out, resume, workers, use_gpu, config, max_steps, stop_at_step, overrides)
+    job = plan_job(stage, data, model, out, **plan)
+    workers = len(job.plan)
     if not use_ray:
         if workers != 1:
             raise ValueError("without Ray the loop runs one worker")
         return run_local(job)
-    return _run_ray(job, workers, use_gpu, address, cpus_per_worker, max_failures)
+    return _run_ray(job, workers, job.use_gpu, address, cpus_per_worker, max_failures)
+
+
+# Ray Train's documented timeouts (docs.ray.io, train/user-guides/debugging.html, "Debugging environment
+# variables"); read from the driver's environment when `fit` starts the controller, and passed on to it. On a
+# loaded 2-core node a worker that imports torch and transformers can take minutes to start: the default 60 s
+# start timeout restarts the whole group, which only adds load.
+RAY_TRAIN_TIMEOUTS = (("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"), ("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "600"))
+
+
+@contextlib.contextmanager
+def env_defaults(pairs) -> Iterator[None]:
+    """Set the variables the environment does not already set, for the duration of the block only."""
+    added = [k for k, _ in pairs if k not in os.environ]
+    os.environ.update({k: v for k, v in pairs if k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _ordered():
@@ -172,7 +191,8 @@ def _run_ray(
         # no split: every rank reads only its own `rank<r>` plan, in plan order, so it is exact and resumable
         dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered()),
     )
-    result = trainer.fit()
+    with env_defaults(RAY_TRAIN_TIMEOUTS):
+        result = trainer.fit()
     if getattr(result, "error", None):
         raise result.error
     summary_path = out / "report" / "summary.json"

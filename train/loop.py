@@ -35,6 +35,7 @@ from model.tokenizer import IMG_CONTEXT, load_tokenizer
 from train import attention as A
 from train.checkpoint import (
     MASTER_FILE,
+    STATE_FILE,
     full_state_dict,
     latest_checkpoint,
     load_master_weights,
@@ -70,6 +71,7 @@ class TrainJob:
     use_gpu: bool = False
     stop_at_step: int | None = None  # stop (checkpointed) after this step, as an interruption would
     fingerprint: list = field(default_factory=list)  # [file name, bytes, rows] per shard; resume checks it
+    planned_at: float = 0.0  # driver's time.time() when it planned this run: newer checkpoints are this run's
 
 
 # ---------------------------------------------------------------- FLOPs / MFU
@@ -475,12 +477,14 @@ def train_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     planned_start = job.start_step * StageConfig(**job.stage).grad_accum
-    if ray.train.get_checkpoint() is not None:
-        # Ray Train restarted the worker group after a worker died (FailureConfig): go on from the
-        # newest complete checkpoint in OUT, exactly as --resume would
-        latest = latest_checkpoint(Path(job.out))
-        if latest is not None:
-            job.resume_from = str(latest)
+    latest = latest_checkpoint(Path(job.out))
+    # Ray Train restarted the worker group after a worker died (FailureConfig): go on from the newest complete
+    # checkpoint in OUT, exactly as --resume would. A checkpoint this run wrote counts even when the worker died
+    # before Ray registered its report (then get_checkpoint() is None), so OUT decides, not Ray's record.
+    if latest is not None and (
+        ray.train.get_checkpoint() is not None or (latest / STATE_FILE).stat().st_mtime > job.planned_at
+    ):
+        job.resume_from = str(latest)
 
     def batches(start_micro: int) -> Iterator[dict]:
         # the driver built this dataset from the job's start on; after a restart skip what was trained
