@@ -32,15 +32,6 @@ def merge_counts(markers: list[dict], splits=SPLITS[:2]) -> dict:
     return total
 
 
-def check_accounting(summary: dict, splits=SPLITS[:2]) -> None:
-    out = sum(summary[s] for s in splits)
-    if summary["input"] != out:
-        raise AccountingError(f"{summary['input']} rows in but {out} accounted for ({', '.join(splits)})")
-    for src, c in summary.get("sources", {}).items():
-        if c.get("input", 0) != sum(c.get(s, 0) for s in splits):
-            raise AccountingError(f"source {src}: {c}")
-
-
 def json_safe(x):
     """Nested data as strict JSON values: a NaN or infinite figure becomes null."""
     if isinstance(x, float) and not math.isfinite(x):
