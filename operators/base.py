@@ -40,6 +40,8 @@ class Operator:
     needs_model: ClassVar[bool] = False  # True: setup() loads a model, once per worker process or actor
     num_gpus: ClassVar[float] = 0.0  # GPUs one instance needs: > 0 puts it in an actor pool sized by the GPUs
     num_cpus: ClassVar[float] = 1.0  # CPUs one instance uses (an actor pool of a CPU model holder is sized by it)
+    task: ClassVar[str] = ""  # a judge's score task: the LLM report draws its `score_<task>` columns
+    distill_teacher: ClassVar[bool] = False  # distillation may replace this stage by a student classifier
 
     def setup(self) -> None:  # load models once per worker
         pass

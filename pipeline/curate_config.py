@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import operators
-from operators.base import build_operator
+from operators.base import REGISTRY, Operator, build_operator, resolve_operator
 
 
 def bundled_config(name: str = "curate.yaml") -> str:
@@ -23,7 +23,6 @@ def bundled_config(name: str = "curate.yaml") -> str:
 
 
 DEFAULT_CONFIG = bundled_config()
-LLM_OP = "llm_quality"  # the stage distillation replaces (pipeline/distill_stage.py)
 
 
 class DedupConfig(BaseModel):
@@ -102,11 +101,21 @@ class DistillConfig(BaseModel):
 
 
 def llm_stage_index(stages: list[dict[str, Any]]) -> int:
-    """Position of the one `llm_quality` stage that distillation replaces (ValueError if not exactly one)."""
-    found = [i for i, s in enumerate(stages) if s.get("op") == LLM_OP]
+    """Position of the one teacher stage (an operator declaring `distill_teacher`, e.g. `llm_quality`) that
+    distillation replaces (ValueError if not exactly one)."""
+    load_operators()
+    teachers = sorted(n for n, c in REGISTRY.items() if c.distill_teacher)
+    found = [i for i, s in enumerate(stages) if _op_class(s.get("op")).distill_teacher]
     if len(found) != 1:
-        raise ValueError(f"distill needs exactly one {LLM_OP} stage to replace, found {len(found)}")
+        raise ValueError(f"distill needs exactly one {' or '.join(teachers)} stage to replace, found {len(found)}")
     return found[0]
+
+
+def _op_class(op) -> type[Operator]:
+    try:
+        return resolve_operator(op)
+    except ValueError:
+        return Operator  # an unknown operator is reported by load_curate_config, with its stage
 
 
 class CurateConfig(BaseModel):

@@ -19,21 +19,27 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from operators.base import KEEP, REJECT, REVIEW
+from operators.base import KEEP, REGISTRY, REJECT, REVIEW, resolve_operator
+from pipeline.curate_config import load_operators, stage_name
 from pipeline.report import SPLITS, bar_chart, histogram
 
-LLM_TASKS = {"llm_quality": "quality", "llm_repetition": "repetition"}  # operator name -> score task
 DOMAIN = "llm_quality_domain"
 NO_DOMAIN = "other"
 MASS_BINS = [i / 40 for i in range(41)]  # probability on the score tokens, 0..1
 SCORE_BINS = [i / 4 for i in range(41)]  # fixed 0..10 axis, so the threshold line is always in view
 
 
+def llm_tasks() -> dict[str, str]:
+    """{operator name: score task} of every registered operator that declares one (the LLM judges)."""
+    load_operators()
+    return {name: cls.task for name, cls in sorted(REGISTRY.items()) if cls.task}
+
+
 def llm_stage_labels(stages: list[dict] | None) -> dict[str, str]:
-    """{stage label: score task} of the LLM stages in `stages`; without specs, labels are the operator names."""
+    """{stage label: score task} of the judge stages in `stages`; without specs, labels are the operator names."""
     if stages is None:
-        return dict(LLM_TASKS)
-    return {s.get("name") or s["op"]: LLM_TASKS[s["op"]] for s in stages if s.get("op") in LLM_TASKS}
+        return llm_tasks()
+    return {stage_name(s): resolve_operator(s["op"]).task for s in stages if resolve_operator(s["op"]).task}
 
 
 def label_counts(summary: dict, label: str) -> dict[str, int]:
@@ -49,7 +55,7 @@ def label_counts(summary: dict, label: str) -> dict[str, int]:
 
 def read_llm_columns(paths: list[str]) -> dict[str, list]:
     """The LLM score, domain and error columns of these Parquet files, concatenated (missing -> None)."""
-    wanted = [DOMAIN, "_decision"] + [c for t in LLM_TASKS.values()
+    wanted = [DOMAIN, "_decision"] + [c for t in sorted(set(llm_tasks().values()))
                                       for c in (f"score_{t}", f"llm_{t}_error", f"llm_{t}_mass")]
     out: dict[str, list] = {c: [] for c in wanted}
     for path in paths:

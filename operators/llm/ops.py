@@ -97,7 +97,6 @@ class LLMScoreOperator(Operator):
     """Shared body: plan which rows get which prompt, score them, build columns and decisions."""
 
     needs_model: ClassVar[bool] = True
-    task: ClassVar[str] = ""
     reject_rule: ClassVar[str] = ""
     inclusive: ClassVar[bool] = False
 
@@ -178,6 +177,7 @@ class LLMQuality(LLMScoreOperator):
 
     name = "llm_quality"
     task = "quality"
+    distill_teacher = True  # pipeline/distill_stage.py scores a sample with it and trains fastText on that
     reject_rule = "low_quality"
 
     class Params(JudgeParams):
