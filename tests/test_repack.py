@@ -7,7 +7,7 @@ import math
 from collections import Counter
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from operators.packing import Packer, Record, first_fit_decreasing, pack_partitioned
@@ -82,6 +82,8 @@ def test_the_tail_closes_the_gap_a_flush_leaves():
 
 @settings(max_examples=100, deadline=None)
 @given(recs=records, hold=st.integers(1, 30))
+@example(recs=[Record(t, k, i) for i, (t, k) in enumerate([(1, 3), (1, 3), (1, 3), (1, 4), (1, 4), (1, 5), (1, 5), (1, 8), (1, 10)])],
+         hold=4)  # the local search packs it in 4 where FFD and the stream take 5
 def test_a_held_stream_is_packed_whole_and_never_worse_than_streaming(recs, hold):
     held = Packer(MAX_TOKENS, MAX_TILES, buffer_size=4, hold_packs=hold)
     packs = held.add_many(recs[: len(recs) // 2]) + held.add_many(recs[len(recs) // 2 :]) + held.finish()
@@ -89,8 +91,9 @@ def test_a_held_stream_is_packed_whole_and_never_worse_than_streaming(recs, hold
     streaming = Packer(MAX_TOKENS, MAX_TILES, buffer_size=4, hold_packs=0)
     streamed = streaming.add_many(recs) + streaming.finish()
     small = sum(r.tokens for r in recs) <= hold * MAX_TOKENS and sum(r.tiles for r in recs) <= hold * MAX_TILES
-    if small:  # held to the end: the better of FFD over all and the stream
-        assert len(packs) == min(len(streamed), len(first_fit_decreasing(recs, MAX_TOKENS, MAX_TILES)))
+    if small:  # held to the end: never worse than FFD over all or the stream (the local search may beat both)
+        assert len(packs) <= min(len(streamed), len(first_fit_decreasing(recs, MAX_TOKENS, MAX_TILES)))
+        assert len(packs) >= strong_bound(size_histogram(recs), MAX_TOKENS, MAX_TILES)
     else:  # too big to hold: exactly the streaming packs
         assert packs == streamed
 
