@@ -56,7 +56,12 @@ def baseline_module():
                          capture_output=True, text=True).stdout
     path = os.path.join(tempfile.mkdtemp(prefix="curate-baseline-"), f"curate_{BASELINE}.py")
     with open(path, "w") as f:
-        f.write(src.replace('os.path.join(os.path.dirname(__file__), "..", "jobs"', f'os.path.join({ROOT!r}, "jobs"'))
+        src = src.replace('os.path.join(os.path.dirname(__file__), "..", "jobs"', f'os.path.join({ROOT!r}, "jobs"')
+        # today's one accounting check lives in pipeline/jobs.py (its second positional argument is markers)
+        src = src.replace("bar_chart, check_accounting, histogram, merge_counts, write_summary",
+                          "bar_chart, histogram, merge_counts, write_summary\nfrom pipeline.jobs import check_accounting")
+        src = src.replace("check_accounting(summary, SPLITS)", "check_accounting(summary, splits=SPLITS)")
+        f.write(src)
     spec = importlib.util.spec_from_file_location(f"curate_{BASELINE}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # pydantic resolves the config's annotations through sys.modules
