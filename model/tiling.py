@@ -8,31 +8,36 @@ size alone equals what training produces from its pixels, and what transformers'
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from PIL import Image
 
 IMAGE_SIZE = 448  # InternViT input resolution, InternVL 2.5 §3.1
 TOKENS_PER_TILE = 256  # 1024 patches, pixel unshuffle 0.5 -> 256 tokens per tile
+RATIO_TABLE_MAX = 64  # grids for min_num 1 and max_num up to this are built once, at import
 
 
-@lru_cache(maxsize=64)
-def _target_ratios(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
-    # Built from a set and sorted by area exactly as internvl_chat does: the order inside one area
-    # decides exact ties, so it must be the same order (CPython's set order of small int tuples is fixed).
-    ratios = {
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_num <= i * j <= max_num
-    }
+def _build_ratios(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    # internvl_chat builds a set and sorts it by area: the set's order decides exact ties, so it must be
+    # the same set, built by the same first insertions (CPython's set order of small int tuples is fixed).
+    # Its comprehension over n, i, j first meets (i, j) at n = max(min_num, i, j); the grids new at each n
+    # are added here in that order, without its O(max_num^3) loop (tests/test_tiling.py compares both).
+    ratios = set()
+    for n in range(min_num, max_num + 1):
+        new = [(i, j) for i in range(1, n + 1) for j in range(1, n + 1)] if n == min_num else \
+            [*((i, n) for i in range(1, n)), *((n, j) for j in range(1, n + 1))]
+        ratios.update(r for r in new if min_num <= r[0] * r[1] <= max_num)
     return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
+
+
+RATIOS = tuple(_build_ratios(1, m) for m in range(RATIO_TABLE_MAX + 1))  # RATIOS[max_num], min_num 1
+
+
+def _ratios(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    return RATIOS[max_num] if min_num == 1 and 0 <= max_num <= RATIO_TABLE_MAX else _build_ratios(min_num, max_num)
 
 
 def target_ratios(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
     """Candidate grids (columns, rows) with min_num <= columns*rows <= max_num, in InternVL's order."""
-    return list(_target_ratios(min_num, max_num))
+    return list(_ratios(min_num, max_num))
 
 
 def find_closest_aspect_ratio(
@@ -52,9 +57,8 @@ def find_closest_aspect_ratio(
     return best
 
 
-@lru_cache(maxsize=65536)
 def _grid(width: int, height: int, min_num: int, max_num: int, image_size: int) -> tuple[int, int]:
-    return find_closest_aspect_ratio(width / height, _target_ratios(min_num, max_num), width, height, image_size)
+    return find_closest_aspect_ratio(width / height, _ratios(min_num, max_num), width, height, image_size)
 
 
 def count_tiles(

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from model.tiling import (
+    RATIO_TABLE_MAX,
     count_tiles,
     dynamic_preprocess,
     find_closest_aspect_ratio,
@@ -47,6 +48,18 @@ def test_target_ratios_in_internvl_order():
     assert [i * j for i, j in ratios] == sorted(i * j for i, j in ratios)
     assert (1, 1) == ratios[0] and {(12, 1), (1, 12), (3, 4), (4, 3), (2, 6), (6, 2)} <= set(ratios[-6:])
     assert sorted(target_ratios(4, 4)) == [(1, 4), (2, 2), (4, 1)]
+
+
+def test_target_ratios_equal_internvl_chats_set_comprehension():
+    """The table built at import and the direct build give internvl_chat's exact list, tie order included."""
+    def internvl(min_num, max_num):  # internvl_chat's dynamic_preprocess, verbatim
+        ratios = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                  if min_num <= i * j <= max_num}
+        return sorted(ratios, key=lambda x: x[0] * x[1])
+
+    pairs = [(1, m) for m in range(RATIO_TABLE_MAX + 3)] + [(a, b) for b in range(1, 30) for a in range(2, b + 2)]
+    for min_num, max_num in pairs:
+        assert target_ratios(min_num, max_num) == internvl(min_num, max_num), (min_num, max_num)
 
 
 def test_hand_worked_grids():
