@@ -23,7 +23,7 @@ from operators.dedup import components as cc
 from operators.dedup.exact import content_hash, content_hashes
 from operators.dedup.image import band_values, hamming, near_pairs, phash
 from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
-from operators.dedup.minhash import MinHasher, token_hash, token_hashes
+from operators.dedup.minhash import MinHasher, permutations, token_hash, token_hashes
 from operators.dedup.text import normalize, tokens
 from pipeline.schema import rows_to_table
 
@@ -111,6 +111,22 @@ def test_estimated_jaccard_tracks_true_jaccard(real_texts):
 )
 def test_lsh_params_equal_datasketch(threshold, num_perm, fp, fn):
     assert optimal_param(threshold, num_perm, fp, fn) == _optimal_param(threshold, num_perm, fp, fn)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.05, 0.95), st.sampled_from([2, 8, 32, 100, 128, 256]), st.floats(0.05, 0.95))
+def test_lsh_params_equal_datasketch_property(threshold, num_perm, fp):
+    """Gauss-Legendre (exact for these polynomials) picks what datasketch's scipy quad picks."""
+    assert optimal_param(threshold, num_perm, fp, 1 - fp) == _optimal_param(threshold, num_perm, fp, 1 - fp)
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+@pytest.mark.parametrize("num_perm,seed", [(2, 0), (128, 1), (256, 7)])
+def test_permutations_equal_datasketch(scheme, num_perm, seed):
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=scheme).permutations
+    ours_a, ours_b = permutations(num_perm, seed, scheme)
+    assert np.array_equal(ours_a, np.asarray(a)) and np.array_equal(ours_b, np.asarray(b))
+    assert ours_a.dtype == ours_b.dtype == (np.uint32 if scheme == "affine32" else np.uint64)
 
 
 def test_band_keys_match_only_on_equal_bands():

@@ -1,7 +1,7 @@
 """MinHash signatures for a batch of documents, vectorised in numpy.
 
-The signatures are datasketch's: the same permutations (taken from `datasketch.MinHash(num_perm,
-seed, scheme)`) applied the same way, so `signatures(texts)[i]` equals
+The signatures are datasketch's: the same permutations (`permutations`: the draws of datasketch
+2.0.0's `MinHash(num_perm, seed, scheme)`) applied the same way, so `signatures(texts)[i]` equals
 `MinHash(num_perm, seed, scheme, hashfunc=self.hashfunc)` updated with `self.shingles(texts[i])`.
 Only the per-shingle hash differs between the two modes, and it is explicit:
 
@@ -26,7 +26,6 @@ import re
 from typing import Literal
 
 import numpy as np
-from datasketch import MinHash
 
 from operators.dedup.text import CJK_RANGES, tokens
 
@@ -163,6 +162,20 @@ def doc_pieces(texts: list[str], max_chars: int = _PIECE_CHARS) -> list[list[str
     return out
 
 
+def permutations(num_perm: int, seed: int, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of datasketch's permutations h -> a*h + b, drawn as `MinHash._init_permutations` draws them
+    (datasketch 2.0.0; tests/test_dedup.py checks the signatures against datasketch's own), without
+    importing datasketch: its package imports scipy, ~0.4 s in every process that hashes."""
+    gen = np.random.RandomState(seed)
+    if scheme == "legacy":  # (a, b) pairs below the Mersenne prime 2^61 - 1, a >= 1
+        pairs = [(gen.randint(1, _MERSENNE, dtype=np.uint64), gen.randint(0, _MERSENNE, dtype=np.uint64))
+                 for _ in range(num_perm)]
+        a, b = np.array(pairs, dtype=np.uint64).T
+        return a, b
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)  # odd: a bijection mod 2^32
+    return a, gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+
+
 class MinHasher:
     """Signatures of many documents at once; see the module docstring for the two hash modes."""
 
@@ -177,14 +190,14 @@ class MinHasher:
         if hash not in ("fast", "sha1") or scheme not in ("affine32", "legacy"):
             raise ValueError(f"unknown hash {hash!r} or scheme {scheme!r}")
         self.num_perm, self.seed, self.ngram, self.hash, self.scheme = num_perm, seed, ngram, hash, scheme
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme=scheme).permutations
-        dtype = np.uint32 if scheme == "affine32" else np.uint64
-        self._a, self._b = np.asarray(a, dtype=dtype), np.asarray(b, dtype=dtype)
+        self._a, self._b = permutations(num_perm, seed, scheme)
         self.hashfunc = fast_shingle_hash32 if hash == "fast" else sha1_hash32
         self.tokens = TokenHasher()  # its tables are built once and shared with exact hashing
 
-    def datasketch(self) -> MinHash:
+    def datasketch(self):
         """An empty datasketch MinHash that produces the same signatures as this hasher."""
+        from datasketch import MinHash  # imports scipy (~0.4 s): only the tests and benches compare with it
+
         return MinHash(num_perm=self.num_perm, seed=self.seed, scheme=self.scheme, hashfunc=self.hashfunc)
 
     def shingles(self, text: str) -> list[bytes]:
