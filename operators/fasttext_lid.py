@@ -122,25 +122,22 @@ class HsTop1:
 
     def _add_words(self, new: list[str]) -> None:
         """Row ids of the words just given slots, as Dictionary::getSubwords computes them, to the buffer."""
-        ids, owner = self._subword_ids(new)
-        lens = np.bincount(owner, minlength=len(new)).astype(np.int64)
+        ids, lens = self._subword_ids(new)
         self.starts = np.concatenate([self.starts, len(self.buf) + np.cumsum(lens) - lens])
         self.lens = np.concatenate([self.lens, lens])
         self.buf = np.concatenate([self.buf, ids])
 
     def _subword_ids(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The row ids of all `words` in order and the word each belongs to. Per word: its word id when in
+        """The row ids of all `words` (at least one) in order and how many each has. Per word: its word id when in
         the vocabulary, then the rows of its character n-grams (computeSubwords: n-grams of minn..maxn UTF-8
         characters of '<word>' by start then length, FNV-1a over signed bytes, modulo bucket, pushHash)."""
-        enc = [("<" + w + ">").encode("utf-8") for w in words]
-        data = np.frombuffer(b"".join(enc), np.uint8)
-        wend = np.cumsum([len(e) for e in enc], dtype=np.int64)
+        data = np.frombuffer(("<" + "><".join(words) + ">").encode("utf-8"), np.uint8)  # '<word>' back to back
         cpos = np.flatnonzero((data & 0xC0) != 0x80)  # byte position of every character
         nc = len(cpos)
         clen = np.diff(np.append(cpos, len(data)))  # words lie back to back: a character ends where the next starts
-        cword = np.searchsorted(wend, cpos, side="right")
-        nchar = np.bincount(cword, minlength=len(words))
-        left = nchar[cword] - (np.arange(nc) - (np.cumsum(nchar) - nchar)[cword])  # characters to the word's end
+        nchar = np.fromiter(map(len, words), np.int64, len(words)) + 2  # one UTF-8 lead byte per code point
+        cword = np.repeat(np.arange(len(words)), nchar)
+        left = np.repeat(np.cumsum(nchar), nchar) - np.arange(nc)  # characters to the word's end
         signed = data.astype(np.int8).astype(np.uint32)  # uint32(int8(c)): bytes >= 0x80 sign-extend
         multibyte = [np.flatnonzero(clen > t) for t in range(1, 4)]
         prime = np.uint32(16777619)
@@ -156,10 +153,10 @@ class HsTop1:
 
         h = np.full(nc, 2166136261, np.uint32)
         extend(h, 0)
-        wid = np.array([self.vocab.get(w, -1) for w in words], np.int32)
-        table = np.full((nc, 2 + self.maxn - self.minn), -1, np.int32)  # per character: word id, then n-grams
+        wid = np.fromiter(map(self.vocab.get, words, itertools.repeat(-1)), np.int32, len(words))
+        table = np.empty((nc, 2 + self.maxn - self.minn), np.int32)  # per character: word id, then n-grams
         table[:, 0] = np.where(left == nchar[cword], wid[cword], -1)
-        not_eos = ~np.array([w == EOS for w in words], bool)[cword]  # EOS has no subwords
+        not_eos = cword != (words.index(EOS) if EOS in words else -1)  # EOS has no subwords
         for n in range(2, self.maxn + 1):
             extend(h, n - 1)
             if n < self.minn:
@@ -172,7 +169,7 @@ class HsTop1:
             ok = (left >= n) & (gid >= 0) & not_eos
             table[:, 1 + n - self.minn] = np.where(ok, gid + self.nwords, -1)
         keep = table >= 0
-        return table[keep], np.broadcast_to(cword[:, None], table.shape)[keep]
+        return table[keep], np.add.reduceat(keep.ravel(), (np.cumsum(nchar) - nchar) * table.shape[1], dtype=np.int64)
 
     # ---------------------------------------------------------------- hidden vectors, then the tree
     def hidden(self, words: list[list[str]], lines: list[str]) -> np.ndarray:
