@@ -250,8 +250,12 @@ def key_task(plan: Plan, files: tuple[str, ...], g: int) -> dict:
 
 
 def _hash_part(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
-    """Partition by content hash: its first 8 bytes (already uniform) modulo `parts`."""
-    return np.fromiter((int.from_bytes(h[:8], "little") % parts for h in col.to_pylist()), dtype=np.int64, count=len(col))
+    """Partition by content hash: its first 8 bytes (already uniform, read little-endian) modulo `parts`."""
+    arr = (col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).cast(pa.binary(16))
+    if len(arr) == 0:
+        return np.zeros(0, dtype=np.int64)
+    words = np.frombuffer(arr.buffers()[1], dtype="<u8")[2 * arr.offset : 2 * (arr.offset + len(arr)) : 2]
+    return (words % np.uint64(parts)).astype(np.int64)
 
 
 def _band_rows(t: pa.Table, plan: Plan) -> pa.Table:
@@ -577,15 +581,14 @@ def decisions_by_shard(key_files: list[str], cfg: DedupConfig, out_folder: str, 
 
     # the nesting: exact survivors through text dedup, text survivors through image dedup
     text_by = "dup_of" if image_removed is not None else "id"
-    dec = union(run_tasks(map_task, [(plan, exact_dups.slices(p), text_removed.slices(p), p, text_by, "exact_final")
-                                     for p in ps], store), P)
-    dec = dec + union(run_tasks(relabel_task, [(plan, text_removed.slices(p), p, "minhash", text_by, "text_final")
-                                               for p in ps], store), P)
+    # (each map and relabel pair reads different partitions, so they share one round of tasks)
+    calls = [(map_task, (plan, exact_dups.slices(p), text_removed.slices(p), p, text_by, "exact_final")) for p in ps]
+    calls += [(relabel_task, (plan, text_removed.slices(p), p, "minhash", text_by, "text_final")) for p in ps]
+    dec = union(run_tasks(_apply, calls, store), P)
     if image_removed is not None:
-        dec = union(run_tasks(map_task, [(plan, dec.slices(p), image_removed.slices(p), p, "id", "image_mapped")
-                                         for p in ps], store), P)
-        dec = dec + union(run_tasks(relabel_task, [(plan, image_removed.slices(p), p, "image", "id", "image_final")
-                                                   for p in ps], store), P)
+        calls = [(map_task, (plan, dec.slices(p), image_removed.slices(p), p, "id", "image_mapped")) for p in ps]
+        calls += [(relabel_task, (plan, image_removed.slices(p), p, "image", "id", "image_final")) for p in ps]
+        dec = union(run_tasks(_apply, calls, store), P)
     if dec.rows():
         out = run_tasks(locate_task, [(plan, dec.slices(p), locs.slices(p), p) for p in ps], store)
         by_rule = Counter()
