@@ -125,7 +125,9 @@ def main():
           f"of Parquet), cores: {cores}, load average: {os.getloadavg()[0]:.1f}, cpu_models: {cfg.cpu_models}")
     old = None if a.no_baseline else baseline_module()
     # the same stages for both runners, read once (the YAML may change while the bench runs)
-    old_cfg = None if old is None else old.CurateConfig(stages=cfg.stages, dedup=cfg.dedup, batch_size=cfg.batch_size)
+    old_cfg = None if old is None else old.CurateConfig(  # bbfa868's config takes the YAML mappings
+        stages=[s.spec() for s in cfg.stages], dedup=cfg.dedup and cfg.dedup.model_dump(exclude_unset=True),
+        batch_size=cfg.batch_size)
     if old is not None and a.baseline_first:
         wallb, _ = timed(old.run_curate, old_cfg, f"{tmp}/in", f"{tmp}/outb", cores)
         print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s "
@@ -141,10 +143,11 @@ def main():
           f"bytes ({store / file_bytes:.3f}x its Parquet bytes)")
     ids = kept_ids(f"{tmp}/out")
     if not a.no_one_core:
-        wall1, _ = timed(run_curate, cfg, f"{tmp}/in", f"{tmp}/out1", 1)
+        wall1, s1 = timed(run_curate, cfg, f"{tmp}/in", f"{tmp}/out1", 1)
         same = kept_ids(f"{tmp}/out1") == ids
         print(f"this runner, 1 core: {wall1:.1f} s, {n / wall1:.0f} docs/s -> {cores} cores are {wall1 / wall:.2f}x "
               f"faster than 1; same kept ids: {same}")
+        print("  wall seconds per phase on 1 core:", ", ".join(f"{k} {v:.1f}" for k, v in s1["phase_seconds"].items()))
     if old is not None:
         if not a.baseline_first:
             wallb, _ = timed(old.run_curate, old_cfg, f"{tmp}/in", f"{tmp}/outb", cores)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel
 
 KEEP, REVIEW, REJECT = 0, 1, 2
 
@@ -37,11 +38,17 @@ class Operator:
     """Base class. Subclasses set `name`, declare `Params` (a pydantic model) and implement `__call__`."""
 
     name: ClassVar[str] = "operator"
+    Params: ClassVar[type[BaseModel] | None] = None  # the typed settings (extra="forbid"); None: a plugin's own kwargs
     needs_model: ClassVar[bool] = False  # True: setup() loads a model, once per worker process or actor
     num_gpus: ClassVar[float] = 0.0  # GPUs one instance needs: > 0 puts it in an actor pool sized by the GPUs
     num_cpus: ClassVar[float] = 1.0  # CPUs one instance uses (an actor pool of a CPU model holder is sized by it)
     task: ClassVar[str] = ""  # a judge's score task: the LLM report draws its `score_<task>` columns
     distill_teacher: ClassVar[bool] = False  # distillation may replace this stage by a student classifier
+
+    def __init__(self, params: BaseModel | None = None, **kwargs):
+        """`params`: validated settings (a stage resolved at config load, pipeline/curate_config.py:Stage), taken
+        as they are; else keyword arguments, validated here."""
+        self.params = params if params is not None else self.Params(**kwargs)
 
     def setup(self) -> None:  # load models once per worker
         pass

@@ -68,8 +68,8 @@ class FasttextOperator(Operator):
     needs_model = True
     Params: ClassVar[type[ModelTextParams]] = ModelTextParams
 
-    def __init__(self, **params):
-        self.params = self.Params(**params)
+    def __init__(self, params: ModelTextParams | None = None, **kwargs):
+        super().__init__(params, **kwargs)
         self.model = None
 
     @property
@@ -97,8 +97,8 @@ class LanguageId(FasttextOperator):
 
     max_chars: ClassVar[int] = 2000  # what predict_language cuts texts at
 
-    def __init__(self, **params):
-        super().__init__(**params)
+    def __init__(self, params: ModelTextParams | None = None, **kwargs):
+        super().__init__(params, **kwargs)
         self.top1: HsTop1 | None = None
 
     def setup(self) -> None:

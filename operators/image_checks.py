@@ -56,9 +56,6 @@ class ImageChecks(Operator):
             "reject", description="what size/aspect/blank/duplicate hits do; undecodable images are always rejected"
         )
 
-    def __init__(self, **params):
-        self.params = self.Params(**params)
-
     def check_sample(self, images: list[bytes]) -> tuple[str, int, float]:
         """(rule that fires or "", decision, lowest pixel std among the images; 255 when none)."""
         p = self.params
@@ -118,8 +115,8 @@ class Structure(Operator):
         tokenizer: str | None = Field(None, description="path to a tokenizer.json for the token budget")
         long_action: Literal["review", "reject"] = Field("reject", description="what an over-long sample gets")
 
-    def __init__(self, **params):
-        self.params = self.Params(**params)
+    def __init__(self, params: Params | None = None, **kwargs):
+        super().__init__(params, **kwargs)
         if self.params.max_tokens is not None and not self.params.tokenizer:
             raise ValueError("structure: max_tokens needs a tokenizer (path to tokenizer.json)")
         self._tok = None

@@ -85,9 +85,6 @@ class NgramRepetition(Operator):
             "review", description="review (paper §4.3: repetitive samples go to manual review) or reject"
         )
 
-    def __init__(self, **params):
-        self.params = self.Params(**params)
-
     def ratios(self, texts: list[str]) -> np.ndarray:
         return np.array([repetition_ratio(t, self.params.n) for t in texts], np.float64)
 

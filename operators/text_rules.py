@@ -716,8 +716,8 @@ class TextRules(Operator):
     name = "text_rules"
     Params = TextRuleParams
 
-    def __init__(self, **params):
-        self.params = self.Params(**params)
+    def __init__(self, params: TextRuleParams | None = None, **kwargs):
+        super().__init__(params, **kwargs)
         p = self.params
         self._char_re = re.compile(_char_run_pattern(p.max_char_run)) if p.max_char_run is not None else None
 

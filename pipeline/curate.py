@@ -24,8 +24,6 @@ from pipeline.curate_config import (  # noqa: F401  (re-exported: pipeline.curat
     CurateConfig,
     load_curate_config,
     load_operators,
-    op_spec,
-    stage_name,
 )
 from pipeline.curate_exec import plan_segments, route_units, run_operators  # noqa: F401  (plan_segments: tests)
 from pipeline.curate_plots import stage_thresholds, write_plots
@@ -48,16 +46,12 @@ from pipeline.verdicts import OperatorActor, apply_verdict, run_stateless  # noq
 def add_stages(ds: ray.data.Dataset, cfg: CurateConfig) -> ray.data.Dataset:
     """The operators as row-carrying Ray Data stages (one operator inside Ray, in the tests; `run_curate`
     moves verdicts, not rows): model holders as actor pools, the others as task maps."""
-    from operators.base import build_operator
-
-    load_operators()
-    for spec in cfg.stages:
-        op = build_operator(op_spec(spec))  # cheap: models load in setup(), on the workers
-        if op.needs_model:
-            ds = ds.map_batches(OperatorActor, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.batch_size,
-                                batch_format="pyarrow", concurrency=cfg.actors or 1, num_gpus=op.num_gpus or None)
+    for stage in cfg.stages:
+        if stage.needs_model:
+            ds = ds.map_batches(OperatorActor, fn_constructor_kwargs={"stage": stage}, batch_size=cfg.batch_size,
+                                batch_format="pyarrow", concurrency=cfg.actors or 1, num_gpus=stage.num_gpus or None)
         else:
-            ds = ds.map_batches(run_stateless, fn_kwargs={"spec": spec}, batch_size=cfg.batch_size,
+            ds = ds.map_batches(run_stateless, fn_kwargs={"stage": stage}, batch_size=cfg.batch_size,
                                 batch_format="pyarrow")
     return ds
 
@@ -67,7 +61,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
     t0 = time.time()
     files = list_input_shards(in_dir)
     units = plan_units(files)
-    staged = bool(cfg.dedup)
+    staged = cfg.dedup is not None
     dedup_done = lambda: read_marker(out_dir, "dedup") is not None  # noqa: E731
 
     def routed(k: str) -> bool:  # with dedup, units are routed only after its marker: without it a route marker is stale
@@ -124,12 +118,12 @@ def dedup_to_shards(out_dir: str, units: list[WorkUnit], cfg: CurateConfig) -> t
     """The global dedup over the key rows only (never content); its decisions are written per input shard
     to OUT/_dedup/<key>.parquet, so each routing task reads its own. Returns its figures and the bytes
     its Ray Data executions put into the object store (0 when resumed from its marker)."""
-    from pipeline.dedup_stage import DedupConfig, StoreBytes, decisions_by_shard
+    from pipeline.dedup_stage import StoreBytes, decisions_by_shard
 
     stats = read_marker(out_dir, "dedup")
     store = StoreBytes()  # what Ray Data's operators put into the object store, from its stats
     if stats is None:
         keys = [join(out_dir, VERDICT_DIR, f"{u.key}.keys.parquet") for u in units]
-        stats = decisions_by_shard(keys, DedupConfig(**cfg.dedup), join(out_dir, DECISION_DIR), store)
+        stats = decisions_by_shard(keys, cfg.dedup, join(out_dir, DECISION_DIR), store)
         write_marker(out_dir, "dedup", stats)
     return stats, store.total

@@ -4,17 +4,19 @@ line on stderr before Ray (or datasketch) is imported (`ivl curate` checks it fi
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pkgutil
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import operators
-from operators.base import REGISTRY, Operator, build_operator, resolve_operator
+from operators.base import REGISTRY, Operator, resolve_operator
 
 
 def bundled_config(name: str = "curate.yaml") -> str:
@@ -50,9 +52,6 @@ class DedupConfig(BaseModel):
     image: bool = Field(False, description="also remove rows whose images are near-duplicates (pHash)")
     image_max_hamming: int = Field(4, ge=0, le=15, description="max differing pHash bits per image")
     rows_per_partition: int = Field(100_000, ge=1, description="key rows (id, hash, signature) per shuffle partition")
-    join_rows_per_partition: int = Field(
-        20_000, ge=1, description="full rows (with images) per partition when labels join back to rows"
-    )
     local_components_max_edges: int = Field(
         0, ge=0, description="verified edges up to which one process runs union-find (0: always distributed)"
     )
@@ -100,31 +99,100 @@ class DistillConfig(BaseModel):
         return self
 
 
-def llm_stage_index(stages: list[dict[str, Any]]) -> int:
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One configured operator stage, resolved once when the config loads: what the planner, the workers, the
+    report and distillation get (picklable: its class and params travel by reference to their modules)."""
+
+    label: str  # the stage's `name:`, else the operator's name: keys its reasons, seconds and report items
+    op: str  # the operator as written: a registered name or `module:Class`
+    cls: type[Operator]
+    params: BaseModel | None  # the operator's validated `Params`; None: a plugin without one takes `kwargs`
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    needs_model: bool = False  # declared by the operator: setup() loads a model
+    num_gpus: float = 0.0  # GPUs one instance needs (an LLM judge's from its backend settings)
+    num_cpus: float = 1.0
+    key: str = field(default="", repr=False)  # the resolved stage as canonical JSON: equality and hash
+
+    def build(self) -> Operator:
+        """A fresh operator on the resolved settings (cheap: models load in its setup())."""
+        return self.cls(self.params) if self.params is not None else self.cls(**dict(self.kwargs))
+
+    def spec(self) -> dict[str, Any]:
+        """The stage as a YAML mapping: `op`, `name` when it is not the default label, the settings given."""
+        given = self.params.model_dump(mode="json", exclude_unset=True) if self.params is not None else dict(self.kwargs)
+        named = {"name": self.label} if self.label != default_label(self.op) else {}
+        return {"op": self.op, **named, **given}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Stage) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def default_label(op: str) -> str:
+    """A stage's label without a `name:`: the operator's name (a plugin's class name)."""
+    return str(op).rpartition(":")[2]
+
+
+def resolve_stage(spec: dict[str, Any]) -> Stage:
+    """A YAML stage (`{op: <name or module:Class>, name?: <label>, <param>: <value>, ...}`) validated into a
+    Stage: the operator's `Params` checked once, the operator built once to read what it declares
+    (ValueError / ValidationError on a bad stage)."""
+    if not isinstance(spec, dict) or "op" not in spec:
+        raise ValueError(f"a stage is a mapping with an `op:`, got {spec!r}")
+    load_operators()
+    given = {k: v for k, v in spec.items() if k not in ("op", "name")}
+    cls = resolve_operator(spec["op"])
+    params = cls.Params(**given) if cls.Params is not None else None
+    kwargs = () if params is not None else tuple(sorted(given.items()))
+    op = cls(params) if params is not None else cls(**given)  # its own checks (e.g. structure's tokenizer)
+    resolved = {"op": str(spec["op"]), "name": spec.get("name") or default_label(spec["op"]),
+                "params": params.model_dump(mode="json") if params is not None else dict(kwargs)}
+    return Stage(label=resolved["name"], op=resolved["op"], cls=cls, params=params, kwargs=kwargs,
+                 needs_model=bool(op.needs_model), num_gpus=float(op.num_gpus or 0), num_cpus=float(op.num_cpus),
+                 key=json.dumps(resolved, sort_keys=True, default=str))
+
+
+def resolve_stages(specs: list[dict[str, Any]], where: str = "") -> list[Stage]:
+    """Every stage resolved, one line naming the first bad one (`stage <i> (<op>): <why>`) and two stages
+    that share a label."""
+    out, labels = [], set()
+    for i, spec in enumerate(specs):
+        if isinstance(spec, Stage):
+            stage = spec
+        else:
+            try:
+                stage = resolve_stage(spec)
+            except (ValidationError, ValueError, TypeError) as e:
+                op = spec.get("op") if isinstance(spec, dict) else None
+                raise ValueError(f"{where}stage {i} ({op}): {one_line(e)}") from None
+        if stage.label in labels:
+            raise ValueError(f"{where}two stages are named {stage.label!r}; give one a `name:`")
+        labels.add(stage.label)
+        out.append(stage)
+    return out
+
+
+def llm_stage_index(stages: list[Stage]) -> int:
     """Position of the one teacher stage (an operator declaring `distill_teacher`, e.g. `llm_quality`) that
     distillation replaces (ValueError if not exactly one)."""
     load_operators()
     teachers = sorted(n for n, c in REGISTRY.items() if c.distill_teacher)
-    found = [i for i, s in enumerate(stages) if _op_class(s.get("op")).distill_teacher]
+    found = [i for i, s in enumerate(stages) if s.cls.distill_teacher]
     if len(found) != 1:
         raise ValueError(f"distill needs exactly one {' or '.join(teachers)} stage to replace, found {len(found)}")
     return found[0]
 
 
-def _op_class(op) -> type[Operator]:
-    try:
-        return resolve_operator(op)
-    except ValueError:
-        return Operator  # an unknown operator is reported by load_curate_config, with its stage
-
-
 class CurateConfig(BaseModel):
     """A curate job: operator stages in order, then optional global dedup."""
 
-    model_config = ConfigDict(extra="forbid")
-    stages: list[dict[str, Any]] = Field(
-        default_factory=list, description="[{op: name or module:Class, name?: label, ...params}]")
-    dedup: dict[str, Any] | None = Field(None, description="global dedup settings (pipeline.dedup_stage.DedupConfig)")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    stages: list[Stage] = Field(
+        default_factory=list, description="[{op: name or module:Class, name?: label, ...params}], resolved into Stages")
+    dedup: DedupConfig | None = Field(None, description="global dedup settings (null or {}: no dedup)")
     batch_size: int = Field(256, description="rows per map_batches call")
     actors: int | None = Field(
         None, ge=1, description="actor pool size for operators that hold a model (null: sized from their resources)")
@@ -133,6 +201,16 @@ class CurateConfig(BaseModel):
                              "loaded once per worker process, or in their own actor pools")
     distill: DistillConfig | None = Field(
         None, description="LLM on a sample + fastText on all rows instead of llm_quality on all rows")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _resolve(cls, specs):
+        return resolve_stages(specs) if isinstance(specs, list) else specs
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _empty_is_off(cls, v):
+        return None if v == {} else v  # `dedup: {}` has always meant no dedup
 
     @model_validator(mode="after")
     def _distill_has_llm_stage(self) -> CurateConfig:
@@ -172,28 +250,23 @@ def load_curate_config(path: str | None) -> CurateConfig:
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
-        cfg = CurateConfig(**raw)
     except OSError as e:
         raise FileNotFoundError(f"config {path}: {e.strerror}") from None
-    except (yaml.YAMLError, ValidationError, TypeError) as e:
+    except yaml.YAMLError as e:
         raise ValueError(f"config {path}: {one_line(e)}") from None
-    load_operators()
-    names = set()
-    for i, spec in enumerate(cfg.stages):
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: a mapping of settings, got {type(raw).__name__}")
+    if isinstance(raw.get("stages"), list):  # one line naming the bad stage, before the other settings
+        raw = {**raw, "stages": resolve_stages(raw["stages"], f"config {path}: ")}
+    if isinstance(raw.get("dedup"), dict):
         try:
-            build_operator(op_spec(spec))
-        except (ValidationError, ValueError, TypeError) as e:
-            raise ValueError(f"config {path}: stage {i} ({spec.get('op')}): {one_line(e)}") from None
-        name = stage_name(spec)
-        if name in names:
-            raise ValueError(f"config {path}: two stages are named {name!r}; give one a `name:`")
-        names.add(name)
-    if cfg.dedup:
-        try:
-            DedupConfig(**cfg.dedup)
+            raw = {**raw, "dedup": DedupConfig(**raw["dedup"]) if raw["dedup"] else None}
         except ValidationError as e:
             raise ValueError(f"config {path}: dedup: {one_line(e)}") from None
-    return cfg
+    try:
+        return CurateConfig(**raw)
+    except (ValidationError, TypeError) as e:
+        raise ValueError(f"config {path}: {one_line(e)}") from None
 
 
 def one_line(e: Exception) -> str:
@@ -203,12 +276,3 @@ def one_line(e: Exception) -> str:
         return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
-
-def op_spec(spec: dict) -> dict:
-    """A stage without its `name:` label: what the operator's constructor takes."""
-    return {k: v for k, v in spec.items() if k != "name"}
-
-
-def stage_name(spec: dict) -> str:
-    """A stage's label: its `name:`, else the operator's name (a plugin's class name)."""
-    return spec.get("name") or str(spec["op"]).rpartition(":")[2]

@@ -10,8 +10,7 @@ from collections.abc import Callable
 
 import ray
 
-from operators.base import build_operator
-from pipeline.curate_config import CurateConfig, load_operators, op_spec
+from pipeline.curate_config import CurateConfig, Stage
 from pipeline.io import join
 from pipeline.jobs import Histogram
 from pipeline.llm_report import llm_plots
@@ -21,16 +20,15 @@ from pipeline.session import dataset_name
 
 def stage_thresholds(cfg: CurateConfig) -> dict[str, list[float]]:
     """Score column -> thresholds the configured operators cut at (drawn on the histograms)."""
-    load_operators()
     out: dict[str, list[float]] = {}
-    for spec in cfg.stages:
-        for col, ts in build_operator(op_spec(spec)).thresholds().items():
+    for stage in cfg.stages:
+        for col, ts in stage.build().thresholds().items():
             out.setdefault(col, []).extend(ts)
     return out
 
 
 def write_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] | None = None,
-                stages: list[dict] | None = None) -> None:
+                stages: list[Stage] | None = None) -> None:
     """Rows per reason, kept fraction per source, the LLM figures, one histogram per score column.
 
     Each figure takes ~0.1 s of matplotlib layout and rendering, so with Ray up they are drawn by the

@@ -10,7 +10,7 @@ pipeline/curate_config.py:llm_stage_index) is not run on every row. `prepare_dis
   phase 2 (student): trains the fastText quality classifier (operators/fasttext_ops.py) on buckets of the
      teacher's score column (the first column of its `thresholds()`, cut by default at the teacher's own
      threshold), measures its agreement with the teacher on held-out sampled rows, and returns the
-     `fasttext_quality` stage spec that takes the teacher stage's place.
+     `fasttext_quality` stage (resolved, pipeline/curate_config.py:Stage) that takes the teacher stage's place.
 
 Outputs: OUT/_distill/quality.bin (the model), OUT/_distill/sample_scores.parquet (the LLM's
 scores of the sample), OUT/report/distill.json (agreement, bucket counts, sample size, LLM rows/s)
@@ -23,23 +23,21 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from operators.base import KEEP, build_operator, conversation_texts
-from pipeline.curate_config import DistillConfig, llm_stage_index  # noqa: F401 - DistillConfig re-exported
+from operators.base import KEEP, conversation_texts
+from pipeline.curate_config import DistillConfig, Stage, llm_stage_index, resolve_stage
 from pipeline.io import atomic_write_bytes, read_canonical, write_parquet_atomic
 
 STAGE_NAME = "llm_quality_distilled"  # reject reasons read `llm_quality_distilled:low_quality`
 INPUT_COLUMNS = ["id", "source", "category", "conversations", "images", "meta"]
 
 
-def distilled_stages(stages: list[dict[str, Any]], files: list[str], out_dir: str,
-                     cfg: DistillConfig) -> list[dict[str, Any]]:
+def distilled_stages(stages: list[Stage], files: list[str], out_dir: str, cfg: DistillConfig) -> list[Stage]:
     """The stage list with its `llm_quality` stage replaced by the distilled classifier."""
     i = llm_stage_index(stages)
     return stages[:i] + [prepare_distilled_stage(files, out_dir, stages[i], cfg)] + stages[i + 1:]
@@ -93,24 +91,21 @@ def bucket_labels(scores: np.ndarray, edges: list[float]) -> list[str]:
     return [names[int(np.searchsorted(edges, s, side="right"))] for s in scores]
 
 
-def score_sample(sample: pa.Table, llm_spec: dict, cfg: DistillConfig) -> tuple[pa.Table, float]:
+def score_sample(sample: pa.Table, teacher: Stage, cfg: DistillConfig) -> tuple[pa.Table, float]:
     """Phase 1: the teacher's scores of the sample through the curate runner's actor (setup once, batches
     after); returns id, _h, _decision and every column the teacher added (score, domain, error, ...) sorted
     by hash (the report draws its histograms from them), and the teacher's busy seconds."""
-    from pipeline.curate import OperatorActor  # the runner's own actor
-    from pipeline.curate_config import load_operators
+    from pipeline.verdicts import OperatorActor  # the runner's own actor
 
-    load_operators()
-    name = llm_spec.get("name") or llm_spec["op"]
+    name = teacher.label
     n = sample.num_rows
     routed = (sample.append_column("_decision", pa.array([KEEP] * n, pa.int8()))
               .append_column("reject_reason", pa.array([""] * n, pa.string()))
               .append_column("review_reason", pa.array([""] * n, pa.string())))
-    num_gpus = build_operator({k: v for k, v in llm_spec.items() if k != "name"}).num_gpus
     blocks = max(1, min(cfg.actors * 4, -(-n // cfg.batch_size)))  # enough blocks to feed every actor
     ds = ray.data.from_arrow(routed).repartition(blocks).map_batches(
-        OperatorActor, fn_constructor_kwargs={"spec": llm_spec}, batch_size=cfg.batch_size,
-        batch_format="pyarrow", concurrency=cfg.actors, num_gpus=num_gpus or None)
+        OperatorActor, fn_constructor_kwargs={"stage": teacher}, batch_size=cfg.batch_size,
+        batch_format="pyarrow", concurrency=cfg.actors, num_gpus=teacher.num_gpus or None)
     dropped = set(INPUT_COLUMNS[1:]) | {"reject_reason", "review_reason"}
     blocks = [b.select([c for c in b.column_names if c not in dropped])
               for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
@@ -129,30 +124,30 @@ def _bucket_edges(scores: np.ndarray, cfg: DistillConfig, llm_threshold: float) 
     return [llm_threshold]  # one edge at the LLM's own cut: "low" (rejected) vs "high" (kept)
 
 
-def prepare_distilled_stage(files: list[str], out_dir: str, llm_spec: dict, cfg: DistillConfig) -> dict:
+def prepare_distilled_stage(files: list[str], out_dir: str, teacher: Stage, cfg: DistillConfig) -> Stage:
     """Score a sample with the LLM, train fastText on score buckets, report agreement; returns the
-    `fasttext_quality` stage spec that replaces `llm_spec`. Skips all work when OUT/_distill/done.json
+    `fasttext_quality` stage that replaces `teacher`. Skips all work when OUT/_distill/done.json
     says a model for the same settings is there (resume); refuses one made with other settings."""
-    from operators.fasttext_ops import FasttextQuality, evaluate_classifier, train_quality_classifier
+    from operators.fasttext_ops import evaluate_classifier, train_quality_classifier
 
     ddir = os.path.join(os.path.abspath(out_dir), "_distill")
     model_path = os.path.join(ddir, "quality.bin")
     done_path = os.path.join(ddir, "done.json")
     report_path = os.path.join(os.path.abspath(out_dir), "report", "distill.json")
-    settings = {"distill": cfg.model_dump(), "llm": llm_spec, "files": sorted(os.path.basename(f) for f in files)}
+    settings = {"distill": cfg.model_dump(), "llm": teacher.spec(), "files": sorted(os.path.basename(f) for f in files)}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if os.path.exists(done_path) and os.path.exists(model_path):
         with open(done_path) as f:
             done = json.load(f)
         if done["fingerprint"] != fingerprint:
             raise ValueError(f"{ddir} holds a classifier distilled with other settings; use a fresh --out")
-        return done["stage"]
+        return resolve_stage(done["stage"])
 
-    llm = build_operator({k: v for k, v in llm_spec.items() if k != "name"})
+    llm = teacher.build()
     score_column, teacher_threshold = teacher_score(llm)
     t0 = time.time()
     sample = draw_sample(files, cfg.sample_size, cfg.seed)
-    scored, llm_seconds = score_sample(sample, llm_spec, cfg)
+    scored, llm_seconds = score_sample(sample, teacher, cfg)
     write_parquet_atomic(scored, os.path.join(ddir, "sample_scores.parquet"))
     # the texts exactly as fasttext_quality will read them (same turns, same joining)
     text_of = dict(zip(sample.column("id").to_pylist(), conversation_texts(sample, llm.params.turns)))
@@ -179,9 +174,10 @@ def prepare_distilled_stage(files: list[str], out_dir: str, llm_spec: dict, cfg:
     good = bucket_names(edges)[-1]  # the top bucket is "good"; fasttext_quality flags P(good) < threshold
     stage = {"op": "fasttext_quality", "name": STAGE_NAME, "model_path": model_path, "good_label": good,
              "threshold": cfg.threshold, "turns": llm.params.turns, "action": cfg.action}
+    student = resolve_stage(stage)
     hold_texts, hold_labels = [text_of[ids[j]] for j in hold], [labels[j] for j in hold]
     quality = evaluate_classifier(model_path, hold_texts, hold_labels)
-    p_good = FasttextQuality(**{k: v for k, v in stage.items() if k not in ("op", "name")}).good_probability(hold_texts)
+    p_good = student.build().good_probability(hold_texts)
     # the decision that matters: would the classifier pass the rows the LLM puts in the top bucket?
     decision_agreement = float(np.mean([(p >= cfg.threshold) == (lab == good) for p, lab in zip(p_good, hold_labels)]))
     report = {
@@ -197,4 +193,4 @@ def prepare_distilled_stage(files: list[str], out_dir: str, llm_spec: dict, cfg:
     }
     atomic_write_bytes(report_path, json.dumps(report, indent=2, sort_keys=True).encode())
     atomic_write_bytes(done_path, json.dumps({"fingerprint": fingerprint, "stage": stage}).encode())
-    return stage
+    return student

@@ -6,7 +6,8 @@ Scores come from the routed shards (kept/ rejected/ review/). When the quality s
 distilled (pipeline/distill_stage.py), `llm_quality` ran on the sample only, so its histograms and
 decisions come from OUT/_distill/sample_scores.parquet and its rows/s from report/distill.json.
 Stages are keyed by their label (the stage's `name:`, else its operator's name), as the runner keys
-their seconds and reasons; `stages` (the config's stage specs) says which label runs which operator.
+their seconds, reasons and per-operator counts; `stages` (the config's resolved stages) says which
+label runs which operator.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from operators.base import KEEP, REGISTRY, REJECT, REVIEW, resolve_operator
-from pipeline.curate_config import load_operators, stage_name
+from operators.base import KEEP, REGISTRY, REJECT, REVIEW
+from pipeline.curate_config import Stage, load_operators
 from pipeline.report import SPLITS, bar_chart, histogram
 
 DOMAIN = "llm_quality_domain"
@@ -35,22 +36,17 @@ def llm_tasks() -> dict[str, str]:
     return {name: cls.task for name, cls in sorted(REGISTRY.items()) if cls.task}
 
 
-def llm_stage_labels(stages: list[dict] | None) -> dict[str, str]:
-    """{stage label: score task} of the judge stages in `stages`; without specs, labels are the operator names."""
+def llm_stage_labels(stages: list[Stage] | None) -> dict[str, str]:
+    """{stage label: score task} of the judge stages in `stages`; without stages, labels are the operator names."""
     if stages is None:
         return llm_tasks()
-    return {stage_name(s): resolve_operator(s["op"]).task for s in stages if resolve_operator(s["op"]).task}
+    return {s.label: s.cls.task for s in stages if s.cls.task}
 
 
 def label_counts(summary: dict, label: str) -> dict[str, int]:
-    """{rejected, review} rows the runner attributes to stage `label` (its `label:rule` reasons)."""
-    legacy = summary.get("operators", {}).get(label)
-    if legacy is not None:
-        return legacy
-    out = {}
-    for split, key in (("rejected", "reasons"), ("review", "review_reasons")):
-        out[split] = sum(n for reason, n in summary.get(key, {}).items() if reason.split(":", 1)[0] == label)
-    return out
+    """{rejected, review} rows the runner attributes to stage `label`: the per-operator counts its markers
+    carry (summary `operators`, pipeline/jobs.py:Marker.add_operator)."""
+    return summary.get("operators", {}).get(label, {})
 
 
 def read_llm_columns(paths: list[str]) -> dict[str, list]:
@@ -103,7 +99,7 @@ def _distilled_quality(out_dir: str) -> tuple[dict[str, list], dict] | None:
 
 
 def llm_plots(out_dir: str, summary: dict, thresholds: dict[str, list[float]] | None = None,
-              stages: list[dict] | None = None) -> dict:
+              stages: list[Stage] | None = None) -> dict:
     """Draw OUT/report/llm_*.png and set `summary["llm"] = {label: {rows, rows_per_s, kept, review,
     rejected, ...}}` (left out when no LLM operator ran). Returns that dict."""
     thresholds = thresholds or {}

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.base import KEEP, REJECT, REVIEW
+from pipeline.curate_config import DedupConfig
 from pipeline.io import (
     exists,
     join,
@@ -39,8 +40,7 @@ from pipeline.verdicts import (
 INTERNAL = ("_shard", "_row", "_decision")
 REPEAT_SUFFIX = re.compile(r"#r\d+$")  # ids of repeat_time copies (pipeline/readers.py)
 VERDICT_DIR, DECISION_DIR = "_verdicts", "_dedup"
-NO_DECISIONS = pa.table({"_row": pa.array([], pa.int64()), "dedup_rule": pa.array([], pa.string()),
-                         "dup_of": pa.array([], pa.string())})
+NO_DECISIONS = pa.schema([("_row", pa.int64()), ("dedup_rule", pa.string()), ("dup_of", pa.string())]).empty_table()
 
 
 def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shard: int,
@@ -91,12 +91,11 @@ def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shar
     return marker.to_json()
 
 
-def write_verdicts(table: pa.Table, key: str, out_dir: str, dedup: dict, stages: dict[str, StageStat]) -> None:
+def write_verdicts(table: pa.Table, key: str, out_dir: str, cfg: DedupConfig, stages: dict[str, StageStat]) -> None:
     """With dedup: the unit's routing state and dedup key rows (no content) to OUT/_verdicts/<key>*.parquet,
     then its `verdicts-<key>` marker (with the operators' seconds); routing happens after the dedup."""
-    from pipeline.dedup_stage import DedupConfig, row_keys
+    from pipeline.dedup_stage import row_keys
 
-    cfg = DedupConfig(**dedup)
     # key rows of the rows still alive; repeat_time copies (`<id>#r<k>`) are deliberate upsampling, so
     # they carry `orig` and follow their original's fate instead of taking part
     alive = np.flatnonzero(table.column("_decision").to_numpy(zero_copy_only=False) != REJECT)
@@ -129,7 +128,6 @@ def route_unit(u: dict, job: dict) -> str:
     route_table(table, out_dir, u["key"], job["fmt"], job["rows_per_shard"], dedup=dedup, input_rows=u["rows"],
                 stages=stages)
     return u["key"]
-
 
 
 def read_parquet(path: str) -> pa.Table:

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from operators.base import KEEP, REJECT, REVIEW, Operator, build_operator
-from pipeline.curate_config import load_operators, op_spec, stage_name
+from operators.base import KEEP, REJECT, REVIEW, Operator
+from pipeline.curate_config import Stage
 from pipeline.io import read_canonical
 from pipeline.jobs import StageStat
 from pipeline.schema import CANONICAL
@@ -138,33 +138,30 @@ def apply_verdict(table: pa.Table, name: str, op: Operator, times: dict[str, Sta
     return out
 
 
-class OperatorCache:
-    """Operators built (and their models loaded by setup()) once per process, keyed by stage spec: a Ray
-    worker process outlives the tasks it runs, so every unit after the first reuses them."""
+class StageOperators:
+    """The operators of a worker (an actor of the curate runner's pools, or a Ray Data actor): each stage's
+    operator built and its model loaded (setup()) once, on first use, then reused for every unit."""
 
-    def __init__(self):
-        self.built: dict[str, Operator] = {}
+    def __init__(self, stages: tuple[Stage, ...] = ()):
+        self.built: dict[Stage, Operator] = {}
+        for stage in stages:
+            self.get(stage)
 
-    def get(self, spec: dict) -> Operator:
-        key = json.dumps(spec, sort_keys=True)
-        if key not in self.built:
-            load_operators()
-            op = build_operator(op_spec(spec))
+    def get(self, stage: Stage) -> Operator:
+        if stage not in self.built:
+            op = stage.build()
             op.setup()
-            self.built[key] = op
-        return self.built[key]
+            self.built[stage] = op
+        return self.built[stage]
 
 
-WORKER_OPERATORS = OperatorCache()  # this process's operators (one per stage spec, see OperatorCache)
-
-
-def apply_batched(table: pa.Table, spec: dict, batch_size: int, times: dict[str, StageStat] | None = None,
-                  cache: OperatorCache = WORKER_OPERATORS) -> pa.Table:
-    """`apply_verdict` over slices of at most batch_size rows (what an operator gets per call)."""
-    name, op = stage_name(spec), cache.get(spec)
+def apply_batched(table: pa.Table, stage: Stage, op: Operator, batch_size: int,
+                  times: dict[str, StageStat] | None = None) -> pa.Table:
+    """`apply_verdict` of `stage`'s operator over slices of at most batch_size rows (what it gets per call)."""
     if table.num_rows <= batch_size:
-        return apply_verdict(table, name, op, times)
-    parts = [apply_verdict(table.slice(i, batch_size), name, op, times) for i in range(0, table.num_rows, batch_size)]
+        return apply_verdict(table, stage.label, op, times)
+    parts = [apply_verdict(table.slice(i, batch_size), stage.label, op, times)
+             for i in range(0, table.num_rows, batch_size)]
     return pa.concat_tables(parts, promote_options="default")  # a slice may hold a null-typed column
 
 
@@ -181,18 +178,18 @@ def row_pass(table: pa.Table, name: str, op: Operator) -> pa.Table:
     return out.append_column(f"_sec_{name}", pa.array([secs] * out.num_rows, pa.float64()))
 
 
-def run_stateless(table: pa.Table, spec: dict) -> pa.Table:
-    """`row_pass` for a Ray Data task map: the operator built once per worker process."""
-    return row_pass(table, stage_name(spec), WORKER_OPERATORS.get(spec))
+def run_stateless(table: pa.Table, stage: Stage) -> pa.Table:
+    """`row_pass` for a Ray Data task map of an operator that holds no model (cheap to build per batch)."""
+    return row_pass(table, stage.label, stage.build())
 
 
 class OperatorActor:
-    """A Ray Data actor (`map_batches(OperatorActor, fn_constructor_kwargs={"spec": ...})`): builds the
+    """A Ray Data actor (`map_batches(OperatorActor, fn_constructor_kwargs={"stage": ...})`): builds the
     operator and loads its model once (setup), then runs `row_pass` on each batch."""
 
-    def __init__(self, spec: dict):
-        self.name = stage_name(spec)
-        self.op = OperatorCache().get(spec)
+    def __init__(self, stage: Stage):
+        self.name = stage.label
+        self.op = StageOperators((stage,)).get(stage)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return row_pass(table, self.name, self.op)

@@ -19,12 +19,12 @@ def data_files(folder) -> dict[str, bytes]:
 
 def test_default_config_runs_in_one_task_segment_or_with_an_actor_pool_for_language_id():
     cfg = load_curate_config(None)
-    names = [s["op"] for s in cfg.stages]
+    names = [s.op for s in cfg.stages]
     segs = plan_segments(cfg)
-    assert [(s.kind, [x["op"] for x in s.specs]) for s in segs] == [("task", names)]
+    assert [(s.kind, [x.op for x in s.stages]) for s in segs] == [("task", names)]
     segs = plan_segments(cfg.model_copy(update={"cpu_models": "actors"}))
-    assert [x["op"] for s in segs for x in s.specs] == names  # the configured order, cut into segments
-    assert [[x["op"] for x in s.specs] for s in segs if s.kind == "actor"] == [["language_id"]]
+    assert [x.op for s in segs for x in s.stages] == names  # the configured order, cut into segments
+    assert [[x.op for x in s.stages] for s in segs if s.kind == "actor"] == [["language_id"]]
     assert all(a.kind != b.kind for a, b in zip(segs, segs[1:]))  # task runs are maximal
 
 
@@ -54,7 +54,7 @@ def test_no_content_goes_through_the_object_store_and_actor_pools_decide_alike(r
     only unit rows into Ray's object store (no content), dedup only key rows (a bound per row that
     does not grow with the images); language ID in an actor pool decides exactly as in tasks."""
     cfg = load_curate_config(None)
-    cfg = cfg.model_copy(update={"dedup": {**cfg.dedup, "text_only": True}})
+    cfg = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"text_only": True})})
     s = run_curate(str(sample_shards), str(tmp_path / "tasks"), cfg)
     arrow = sum(read_canonical(f).nbytes for f in list_input_shards(str(sample_shards)))
     phases = s["object_store_bytes_by_phase"]

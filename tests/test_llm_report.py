@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pipeline.curate_config import resolve_stages
 from pipeline.io import write_parquet_atomic
 from pipeline.llm_report import llm_plots
 
@@ -28,19 +29,21 @@ def test_per_domain_score_and_mass_histograms_from_null_scored_rows(tmp_path):
     assert not (tmp_path / "report" / "llm_mass_quality_other.png").exists()
 
 
-def test_a_named_llm_stage_is_found_by_its_label_and_counted_from_its_reasons(tmp_path):
-    """The runner keys seconds and reasons by the stage's label (`name:`), not by the operator's name."""
+def test_a_named_llm_stage_is_found_by_its_label_and_counted_from_its_markers(tmp_path):
+    """The runner keys seconds, reasons and per-operator counts by the stage's label (`name:`), not by the
+    operator's name; the counts come from the markers' `operators`, never from the reason strings."""
     rows = [{"id": f"x/{i}", "score_repetition": s, "llm_repetition_mass": 0.5, "llm_repetition_error": None,
              "llm_quality_domain": None} for i, s in enumerate([9.0, 2.0, 3.2])]
     write_parquet_atomic(pa.Table.from_pylist(rows[:1]), str(tmp_path / "kept" / "s.parquet"))
     write_parquet_atomic(pa.Table.from_pylist(rows[1:2]), str(tmp_path / "rejected" / "s.parquet"))
     write_parquet_atomic(pa.Table.from_pylist(rows[2:]), str(tmp_path / "review" / "s.parquet"))
     summary = {"stage_seconds": {"rep_check": 2.0}, "reasons": {"rep_check:repetitive": 1, "text_rules:x": 4},
-               "review_reasons": {"rep_check:near_threshold": 1}}
-    stages = [{"op": "text_rules"}, {"op": "llm_repetition", "name": "rep_check"}]
+               "review_reasons": {"rep_check:near_threshold": 1},
+               "operators": {"rep_check": {"rejected": 1, "review": 1}, "text_rules": {"rejected": 4}}}
+    stages = resolve_stages([{"op": "text_rules"}, {"op": "llm_repetition", "name": "rep_check"}])
     figures = llm_plots(str(tmp_path), summary, {"score_repetition": [3.0]}, stages)
     assert set(figures) == {"rep_check"}
     assert {k: figures["rep_check"][k] for k in ("rows", "kept", "review", "rejected", "rows_per_s")} == {
         "rows": 3, "kept": 1, "review": 1, "rejected": 1, "rows_per_s": 1.5}
     assert (tmp_path / "report" / "llm_score_repetition_other.png").exists()
-    assert llm_plots(str(tmp_path), summary, {}, [{"op": "llm_repetition"}]) == {}  # no stage of that label ran
+    assert llm_plots(str(tmp_path), summary, {}, resolve_stages([{"op": "llm_repetition"}])) == {}  # no stage of that label ran

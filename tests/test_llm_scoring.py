@@ -420,10 +420,10 @@ def test_example_configs_validate():
 
     for name in ("curate_llm.yaml", "curate_vllm.yaml", "curate_vllm_cpu.yaml"):
         cfg = load_curate_config(bundled_config(name))
-        ops = [s["op"] for s in cfg.stages]
+        ops = [s.op for s in cfg.stages]
         assert ops[-2:] == ["llm_quality", "llm_repetition"]
     vllm_cfg = load_curate_config(bundled_config("curate_vllm.yaml"))
-    op = build_operator({k: v for k, v in vllm_cfg.stages[1].items() if k != "name"})
+    op = vllm_cfg.stages[1].build()
     assert op.params.backend.kind == "vllm" and op.num_gpus == 2
 
 

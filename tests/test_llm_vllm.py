@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from llm_samples import conversation, needs_smollm2, real_texts, sample_table
 
-from operators.base import build_operator
 from pipeline.curate import load_curate_config
 from pipeline.curate_config import bundled_config
 from pipeline.schema import rows_to_table
@@ -26,7 +25,7 @@ pytestmark = [
 
 def _ops(config: str) -> list:
     cfg = load_curate_config(bundled_config(config))
-    return [build_operator({k: v for k, v in s.items() if k != "name"}) for s in cfg.stages[1:]]
+    return [s.build() for s in cfg.stages[1:]]
 
 
 @pytest.fixture(scope="module")

@@ -100,8 +100,8 @@ class LLMScoreOperator(Operator):
     reject_rule: ClassVar[str] = ""
     inclusive: ClassVar[bool] = False
 
-    def __init__(self, **params) -> None:
-        self.params = self.Params(**params)
+    def __init__(self, params: JudgeParams | None = None, **kwargs) -> None:
+        super().__init__(params, **kwargs)
         self.num_gpus = self.params.backend.gpus_per_actor()  # per actor of the runner's pool
         self.backend: ScoringBackend | None = None
 
