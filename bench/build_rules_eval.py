@@ -121,8 +121,13 @@ def src_man(rng: random.Random, per_lang: int, cache: dict[str, str]):
                 yield source, lang, "docs", paras
 
 
+# a page's navigation (Sphinx's sidebar and menu, prev/next bars, footer) is not its text: a nav copy of the
+# "previous topic" link made a real page look like duplicated paragraphs
+NAV_CLASSES = frozenset(["sphinxsidebar", "related", "footer", "navigation"])
+
+
 class _HTMLText(html.parser.HTMLParser):
-    """<p>/<dd>/<li> text as prose paragraphs, <pre> as code blocks (line breaks kept)."""
+    """<p>/<dd>/<li> text as prose paragraphs, <pre> as code blocks (line breaks kept); navigation skipped."""
 
     def __init__(self):
         super().__init__()
@@ -131,9 +136,16 @@ class _HTMLText(html.parser.HTMLParser):
         self._kind = ""
         self._skip = 0
         self._depth = 0
+        self._nav: tuple[str, int] | None = None  # (tag, open count) while inside navigation
 
     def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style"):
+        if self._nav is not None:
+            if tag == self._nav[0]:
+                self._nav = (tag, self._nav[1] + 1)
+            return
+        if tag == "nav" or (tag == "div" and NAV_CLASSES & set((dict(attrs).get("class") or "").split())):
+            self._nav = (tag, 1)
+        elif tag in ("script", "style"):
             self._skip += 1
         elif tag in ("p", "pre") and self._buf is None and "title" not in (dict(attrs).get("class") or ""):
             self._buf, self._kind = [], tag
@@ -143,6 +155,10 @@ class _HTMLText(html.parser.HTMLParser):
             self._depth += 1
 
     def handle_endtag(self, tag):
+        if self._nav is not None:
+            if tag == self._nav[0]:
+                self._nav = None if self._nav[1] == 1 else (tag, self._nav[1] - 1)
+            return
         if tag in ("script", "style"):
             self._skip -= 1
         elif tag == "div" and self._kind == "div" and self._depth:
