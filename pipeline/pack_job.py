@@ -1,10 +1,12 @@
-"""`ivl pack`: canonical shards -> packed training sequences (InternVL 2.5 §4.2), as parallel Ray tasks.
+"""`ivl pack`: canonical shards -> packed training sequences (InternVL 2.5 §4.2), on a pool of Ray actors.
 
 Partitions. The input shards (sorted) are cut into partitions of consecutive shards: a partition
 closes once it holds `partition_bytes` of input files (default 8 MiB; sizes come from a stat, so the
 layout is a pure function of the inputs, never of the cluster). Then:
 
-1. `ivl-pack:partition`, one Ray task per partition, all in parallel. For each of its shards in
+1. `ivl-pack:partition`, one call per partition on a pool of `PackWorker` Ray actors (one CPU each, as
+   many as the cluster's free CPUs or the partitions; each keeps the job's tokenizer loaded), each partition
+   going to the next idle actor. For each of its shards in
    order: read it once; tokenize it (or take its cached token columns, OUT/_tokens/<i>.parquet with
    the marker pack-tokens-<i>); rows that cannot be packed -> OUT/rejected/rejected-<p>-<k>.parquet
    with `reject_reason` (`pack:<rule>`); the rest -> Select -> Search -> Pack -> Maintain with the
@@ -16,13 +18,13 @@ layout is a pure function of the inputs, never of the cluster). Then:
    `Marker` (input counted from its files' footers, kept, rejected with reasons, CPU seconds per
    stage, the files it wrote; in `extra` the fill histogram and the (tokens, tiles) histogram of its
    pieces), is written last.
-2. `ivl-pack:tail`, one task: every partition's tail pieces, in partition order, repacked by
+2. `ivl-pack:tail`, one call: every partition's tail pieces, in partition order, repacked by
    `pack_offline` (exact search included) -> OUT/kept/pack-tail-<k>.parquet, marker pack-tail. So a small dataset ends as close
    to its lower bound as one whole-dataset repack would, and a large one pays at most a pack or two.
-   (One task: at 10^4 partitions it holds ~10^4 sparse packs' pieces; a tree of tail merges is the
+   (One call: at 10^4 partitions it holds ~10^4 sparse packs' pieces; a tree of tail merges is the
    next step past that.)
 3. The driver lists and stats the inputs (row counts from the Parquet footers, `jobs.plan_units`),
-   submits the tasks and merges their markers (`jobs.merge`, `jobs.check_accounting`) into
+   submits the calls and merges their markers (`jobs.merge`, `jobs.check_accounting`) into
    report/summary.json and report/pack_fill.png; the lower bound (operators/packing/bounds.py) comes
    from the merged size histograms. It holds no rows and reads no image bytes.
 
@@ -48,7 +50,7 @@ in any of these logs one line naming them and tokenizes from scratch. The partit
 depend on the packing arguments (mode, seed, buffer size, rows per shard, partition layout): changed,
 every pack is made again from the cached tokens, exactly as a clean run makes them.
 
-Memory per partition task: its packer (buffer_size open packs + a reserve of small text-only
+Memory per partition call: its packer (buffer_size open packs + a reserve of small text-only
 samples, or up to 256 packs' worth held while the partition may still be packed whole), one input
 shard and at most 32 packed rows waiting to be written.
 """
@@ -118,7 +120,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DYNAMIC_PATCH = 12  # InternVL 2.5 default per dataset, overridable in its meta entry
 DEFAULT_ROWS_PER_SHARD = 256  # packs per output file (~16k tokens each plus their images)
-DEFAULT_PARTITION_BYTES = 8 << 20  # input bytes per partition task: a few shards of images at least
+DEFAULT_PARTITION_BYTES = 8 << 20  # input bytes per partition: a few shards of images at least
 TAIL_FILL = 0.99  # an end-of-partition pack short of 99% of both budgets goes to the tail repack
 FILL_BINS = 50  # fixed bins of token fill per pack, merged across markers for the plot
 PACKS_PER_WRITE = 32  # packed rows built into Arrow at a time (bounded memory)
@@ -337,28 +339,25 @@ class _PackStats:
                 "fill_hist": self.fill.tolist(), "sizes": [[t, k, n] for (t, k), n in sorted(self.sizes.items())]}
 
 
-# ---- one partition (a Ray task) -------------------------------------------------------------------
+# ---- one partition (a call on a PackWorker actor) --------------------------------------------------
 
-class WorkerTokenizers:
-    """The job's saved tokenizer, loaded once per Ray worker process (model/tokenizer.py's loader) and
-    kept by its digest: loading takes ~0.5 s, a partition's tokenizing ~0.15 CPU-s (bench/packing.py)."""
+class JobTokenizer:
+    """The job's saved tokenizer (OUT/tokenizer, model/tokenizer.py's loader), loaded on first use and kept
+    by its digest: loading takes ~0.2-0.5 s, a partition's tokenizing ~0.15 CPU-s (bench/packing.py)."""
 
     def __init__(self):
-        self.loaded: dict[str, object] = {}
+        self.digest, self.tok = None, None
 
     def get(self, tok_dir: str, digest: str):
-        if digest not in self.loaded:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task = one core
-            self.loaded = {digest: load_tokenizer(local_dir(tok_dir))}  # one at a time: the last job's
-        return self.loaded[digest]
-
-
-WORKER_TOKENIZERS = WorkerTokenizers()  # the one per-process cache (a plain Ray task has no other home)
+        if digest != self.digest:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one worker = one core
+            self.tok, self.digest = load_tokenizer(local_dir(tok_dir)), digest  # one at a time: the last job's
+        return self.tok
 
 
 @contextlib.contextmanager
 def _cpu(counts: Counter, stage: str):
-    """Add this block's CPU milliseconds (of this task's process: one task = one core) to `cpu_ms:<stage>`."""
+    """Add this block's CPU milliseconds (of this process: one worker = one core) to `cpu_ms:<stage>`."""
     t = time.process_time()
     try:
         yield
@@ -366,7 +365,7 @@ def _cpu(counts: Counter, stage: str):
         counts[f"cpu_ms:{stage}"] += round(1000 * (time.process_time() - t))
 
 
-def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter) -> pa.Table:
+def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter, tokenizer: JobTokenizer) -> pa.Table:
     """Input shard `index` (images and all) with its token columns: from the cache when its marker
     matches, else tokenized now and cached (data, then marker)."""
     out, fp = spec["out_dir"], spec["token_fingerprint"]
@@ -380,7 +379,7 @@ def _tokenized_shard(spec: dict, index: int, path: str, counts: Counter) -> pa.T
                                    "delete that folder's _tokens/ and _done/ and rerun")
             return _with_token_columns(table, tokens)
     with _cpu(counts, "tokenize"):
-        tok = WORKER_TOKENIZERS.get(spec["tok_dir"], spec["tok_digest"])
+        tok = tokenizer.get(spec["tok_dir"], spec["tok_digest"])
         b = spec["batch_size"]
         parts = [tokenize_table(table.slice(k, b), tok, **spec["tokenize"]) for k in range(0, table.num_rows, b)]
         joined = pa.concat_tables(parts) if parts else _with_token_columns(table, empty_tokens())
@@ -476,9 +475,11 @@ def _write_packs(packs: Iterator[Pack], kept: _ShardWriter, stats: _PackStats) -
         kept.add(packs_to_table(group))
 
 
-def pack_partition(spec: dict) -> dict:
+def pack_partition(spec: dict, tokenizer: JobTokenizer | None = None) -> dict:
     """Partition `spec["index"]` start to finish (see the module docstring); returns its marker plus
-    `tokenized_rows`. A plain function: Ray runs it as the task `ivl-pack:partition`."""
+    `tokenized_rows`. A plain function: a `PackWorker` actor runs it as `ivl-pack:partition` with the
+    tokenizer it keeps loaded; without one the tokenizer is loaded here, once, if a shard needs it."""
+    tokenizer = tokenizer or JobTokenizer()
     out, p = spec["out_dir"], spec["index"]
     max_tokens, max_tiles = spec["max_tokens"], spec["max_tiles"]
     counts: Counter = Counter()
@@ -493,7 +494,7 @@ def pack_partition(spec: dict) -> dict:
     kept = _ShardWriter(os.path.join(out, "kept"), f"pack-{p:05d}", spec["rows_per_shard"], timed(write_packed))
     rejected = _ShardWriter(os.path.join(out, "rejected"), f"rejected-{p:05d}", spec["rows_per_shard"],
                             timed(write_parquet_atomic))
-    tables = (_tokenized_shard(spec, i, path, counts) for i, path in spec["shards"])
+    tables = (_tokenized_shard(spec, i, path, counts, tokenizer) for i, path in spec["shards"])
 
     def dropped(_piece: Piece) -> None:
         counts["pieces_without_answer"] += 1
@@ -620,11 +621,69 @@ def cache_args(files: list[str], tok_dir: str, system_prompt, max_tokens, max_ti
             "max_tokens": max_tokens, "max_tiles": max_tiles, "verify_images": verify_images, "inputs": inputs}
 
 
-def _remote(fn):
-    """`fn` as a Ray task named after the ivl job and stage (`ivl-pack:partition`)."""
+def free_cpus() -> int:
+    """The CPUs of the Ray cluster not held now (at least 1)."""
     import ray
 
-    return ray.remote(fn).options(name=f"ivl-pack:{fn.__name__.removeprefix('pack_')}", num_cpus=1)
+    return max(1, int(ray.available_resources().get("CPU", 0)))
+
+
+class PackWorker:
+    """One `ivl pack` worker (a Ray actor on one CPU): runs partitions and the tail; the tokenizer it
+    loads for its first partition serves every later one (and the next job's, if its digest is the same)."""
+
+    def __init__(self):
+        self.tokenizer = JobTokenizer()
+
+    def partition(self, spec: dict) -> dict:
+        return pack_partition(spec, self.tokenizer)
+
+    def tail(self, spec: dict, partitions: int, packs_before: int) -> dict:
+        return pack_tail(spec, partitions, packs_before)
+
+
+class PackWorkers:
+    """A pool of `PackWorker` actors, owned by whoever makes it: `run_pack(..., workers=pool)` for several
+    jobs keeps their processes and tokenizers warm; `run_pack` makes one for itself (and ends it) without.
+    Ray must be initialised. `size` defaults to the CPUs free now (an actor waiting for a CPU would hold its
+    partition until one frees)."""
+
+    def __init__(self, size: int | None = None):
+        import ray
+
+        size = size or free_cpus()
+        # an actor killed mid-partition (OOM, a lost node) is restarted and the call run again: every
+        # file a partition writes is atomic and its marker last, so a rerun ends as one clean run
+        actor = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(PackWorker)
+        self.actors = [actor.remote() for _ in range(size)]
+
+    def run(self, method: str, calls: list[tuple]) -> Iterator[tuple[int, object]]:
+        """(index, result) of each call of `method`, as they finish; each goes to the next idle actor."""
+        import ray
+
+        idle, running, queue = list(self.actors), {}, list(enumerate(calls))[::-1]
+        while queue or running:
+            while idle and queue:
+                i, args = queue.pop()
+                actor = idle.pop()
+                running[getattr(actor, method).options(name=f"ivl-pack:{method}").remote(*args)] = i, actor
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, actor = running.pop(ready[0])
+            idle.append(actor)
+            yield i, ray.get(ready[0])
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> PackWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def run_pack(
@@ -641,13 +700,15 @@ def run_pack(
     batch_size: int = 256,
     verify_images: bool = False,
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
+    workers: PackWorkers | None = None,
 ) -> dict:
     """Pack the canonical shards of `in_dir` (its kept/ if present) into `out_dir`; returns the summary.
 
     `tokenizer` is a loaded tokenizer or a path / hub name / .gguf file for `load_tokenizer`.
     `verify_images` fully decodes every image (rejecting truncated ones) instead of reading headers.
     Rerun into the same `out_dir`, it resumes (summary `resumed_shards`, `resumed_partitions`). Ray
-    must be initialised by the caller (the CLI's `ray_session`); a local one is started otherwise."""
+    must be initialised by the caller (the CLI's `ray_session`); a local one is started otherwise.
+    `workers` (a `PackWorkers` the caller owns) runs the calls; without it a pool is made for this job."""
     import ray
 
     t0 = time.perf_counter()
@@ -671,7 +732,7 @@ def run_pack(
             "rows_per_shard": rows_per_shard,
             "tokenize": {"system_prompt": system_prompt, "max_tokens": max_tokens, "max_tiles": max_tiles,
                          "verify_images": verify_images}}
-    units = plan_units(files)  # rows counted from the input files, never from what the tasks read
+    units = plan_units(files)  # rows counted from the input files, never from what the workers read
     if any(u.rows is None for u in units):
         raise ValueError(f"unreadable input shard: {next(u.path for u in units if u.rows is None)}")
 
@@ -686,16 +747,15 @@ def run_pack(
     if todo or tail is None:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
-        task = _remote(pack_partition)
-        refs = {p: task.remote({**spec, "index": p, "shards": [(i, files[i]) for i in parts[p]],
-                                "rows": sum(units[i].rows for i in parts[p]), "partitions": len(parts)})
-                for p in todo}
-        for p, ref in refs.items():
-            done_p = ray.get(ref)
-            markers[p] = Marker.from_json(done_p["marker"])
-            tokenized_rows += done_p["tokenized_rows"]
-        packs_before = sum(m.extra["packs"] for m in markers.values())
-        tail = Marker.from_json(ray.get(_remote(pack_tail).remote(spec, len(parts), packs_before)))
+        with contextlib.ExitStack() as own:
+            pool = workers or own.enter_context(PackWorkers(max(1, min(len(todo), free_cpus()))))
+            calls = [({**spec, "index": p, "shards": [(i, files[i]) for i in parts[p]],
+                       "rows": sum(units[i].rows for i in parts[p]), "partitions": len(parts)},) for p in todo]
+            for k, done_p in pool.run("partition", calls):
+                markers[todo[k]] = Marker.from_json(done_p["marker"])
+                tokenized_rows += done_p["tokenized_rows"]
+            packs_before = sum(m.extra["packs"] for m in markers.values())
+            tail = Marker.from_json(next(pool.run("tail", [(spec, len(parts), packs_before)]))[1])
     ordered = [markers[p] for p in range(len(parts))]
     _remove_unnamed(os.path.join(out_dir, "kept"), {n for m in [*ordered, tail] for n in m.extra["kept_files"]})
     _remove_unnamed(os.path.join(out_dir, "rejected"), {n for m in ordered for n in m.extra["rejected_files"]})
@@ -749,7 +809,7 @@ def _summarise(out_dir: str, parts: list[Marker], tail: Marker, t0: float, **run
         "tile_fill": tiles / (packs * max_tiles) if packs else 0.0,
         "samples_per_pack": total("pieces") / packs if packs else 0.0,
         "rows_per_row_group": 1,
-        "task_cpu_s": dict(sorted(merged["stage_seconds"].items())),  # per stage, all tasks (one run)
+        "task_cpu_s": dict(sorted(merged["stage_seconds"].items())),  # per stage, all workers (one run)
         "max_tokens": max_tokens,
         "max_tiles": max_tiles,
         "mode": run["mode"],
@@ -768,5 +828,5 @@ def _summarise(out_dir: str, parts: list[Marker], tail: Marker, t0: float, **run
     return summary
 
 
-__all__ = ["run_pack", "tokenize_table", "image_tiles", "resume_state", "plan_partitions",
+__all__ = ["run_pack", "PackWorkers", "tokenize_table", "image_tiles", "resume_state", "plan_partitions",
            "pack_partition", "pack_tail", "write_packed", "PACKED_SCHEMA"]
