@@ -11,6 +11,7 @@ prose scores 0.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Literal
 
@@ -35,34 +36,46 @@ def repetition_ratio_reference(text: str, n: int = 10) -> float:
     return sum(c for c in counts.values() if c > 1) / len(grams)
 
 
-_ASCII_NON_WORD = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c == "_")})
+# ASCII: a non-word char becomes a space and a capital its lower case, in one pass
+_ASCII_LOWER_WORDS = str.maketrans({c: " " if not (c.isalnum() or c == "_") else c.lower() for c in map(chr, range(128))})
 
 
 def _words(text: str) -> list[str]:
     """WORDLIKE_RE.findall(text.lower()); for ASCII, a translate + split does the same 3x faster."""
-    low = text.lower()
-    return low.translate(_ASCII_NON_WORD).split() if low.isascii() else WORDLIKE_RE.findall(low)
+    return text.translate(_ASCII_LOWER_WORDS).split() if text.isascii() else WORDLIKE_RE.findall(text.lower())
 
 
 def repetition_ratio(text: str, n: int = 10) -> float:
-    """repetition_ratio_reference computed on 64-bit n-gram hashes with numpy (same values; a 64-bit
-    hash collision, ~1e-15 per text, is the only way they could differ)."""
-    words = _words(text)
-    m = len(words) - n + 1
-    if m <= 0:
-        return 0.0
-    ids = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
-    h = ids[:m] * NGRAM_HASH_MIX
-    for k in range(1, n):  # rolling: g_k = (g_{k-1} + id[i+k]) * MIX, wrapping modulo 2**64
-        h = (h + ids[k : k + m]) * NGRAM_HASH_MIX
-    h.sort()
-    dup = np.zeros(m, bool)
-    same = h[1:] == h[:-1]
-    if not same.any():
-        return 0.0
-    dup[1:] |= same
-    dup[:-1] |= same
-    return int(np.count_nonzero(dup)) / m
+    """repetition_ratio_reference of one text (repetition_ratios)."""
+    return float(repetition_ratios([text], n)[0])
+
+
+def repetition_ratios(texts: list[str], n: int = 10) -> np.ndarray:
+    """repetition_ratio_reference of every text, on 64-bit n-gram hashes with numpy: words hashed and n-grams
+    rolled for the whole batch at once, then one small sort per text (same values; a 64-bit hash collision
+    inside one text, ~1e-15 per text, is the only way they could differ)."""
+    words = [_words(t) for t in texts]
+    counts = np.fromiter(map(len, words), np.int64, len(words))
+    ratios = np.zeros(len(texts), np.float64)
+    m = counts - n + 1  # n-grams per text
+    total = int(counts.sum())
+    if not (m > 0).any():
+        return ratios
+    ids = np.fromiter(map(hash, itertools.chain.from_iterable(words)), np.int64, total).view(np.uint64)
+    k = total - n + 1  # n-grams of the concatenation (those that cross into the next text are never read)
+    h = ids[:k] * NGRAM_HASH_MIX
+    for j in range(1, n):  # rolling: g_j = (g_{j-1} + id[i+j]) * MIX, wrapping modulo 2**64
+        h = (h + ids[j : j + k]) * NGRAM_HASH_MIX
+    ends = np.cumsum(counts).tolist()
+    for i in np.flatnonzero(m > 0).tolist():  # text i's n-grams start at its words, up to n - 1 before its end
+        srt = np.sort(h[ends[i] - int(counts[i]) : ends[i] - n + 1])  # (small sorts: faster than one of the batch)
+        same = srt[1:] == srt[:-1]
+        if same.any():
+            dup = np.zeros(len(srt), bool)
+            dup[1:] |= same
+            dup[:-1] |= same
+            ratios[i] = int(np.count_nonzero(dup)) / len(srt)
+    return ratios
 
 
 @register
@@ -86,7 +99,7 @@ class NgramRepetition(Operator):
         )
 
     def ratios(self, texts: list[str]) -> np.ndarray:
-        return np.array([repetition_ratio(t, self.params.n) for t in texts], np.float64)
+        return repetition_ratios(texts, self.params.n)
 
     def __call__(self, table: pa.Table) -> Verdict:
         p = self.params

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Literal
 
@@ -83,6 +83,7 @@ _ASCII_RULES = ("---", "===", "___", "~~~", "***", "+++")
 _REPL_PROMPT = re.compile(r"^[ \t]*\.\.\.(?=\s|$)", re.M)  # Python's "... " continuation prompt: no ellipsis
 # metasyntax, not an ellipsis: a repeatable argument ("[FILE...]", "OPTIONS...)"), a placeholder ('...')
 _METASYNTAX_DOTS = re.compile(r"\.\.\.(?=[\])}>])|(?<=['\"])\.\.\.(?=['\"])")
+_DOTS_CLOSER = re.compile(r"\.\.\.[\])}>'\"]")  # what every _METASYNTAX_DOTS match holds
 
 
 class TextRuleParams(BaseModel):
@@ -194,6 +195,22 @@ def ellipsis_count(text: str) -> int:
     return n + text.count("…")
 
 
+def _ellipsis_count_fast(text: str) -> int:
+    """ellipsis_count without scanning the text for the two exceptions: a prompt is a '...' that starts a
+    line's first non-blank char, so it is among str.find's non-overlapping hits; metasyntax needs a '...'
+    followed by a closer or a quote."""
+    n = text.count("...")
+    if n:
+        i = text.find("...")
+        while i >= 0:
+            if not text[text.rfind("\n", 0, i) + 1 : i].strip(" \t") and (i + 3 == len(text) or text[i + 3].isspace()):
+                n -= 1  # a prompt: _REPL_PROMPT's (?=\s|$), where \s is str.isspace()
+            i = text.find("...", i + 3)
+        if _DOTS_CLOSER.search(text):
+            n -= len(_METASYNTAX_DOTS.findall(text))
+    return n + text.count("…")
+
+
 def hash_count(text: str, p: TextRuleParams) -> int:
     """'#' characters, or with `hashtags_only` the hashtags among them."""
     n = text.count("#")
@@ -294,7 +311,10 @@ def _has_long_sentence(text: str, k: int, is_ascii: bool = False) -> bool:
     at_least = 2 * k + 1 if is_ascii or not _CJK_RE.search(text) else k + 1
     if len(text) < at_least:
         return False
-    for line in text.split("\n"):
+    lines = text.split("\n")
+    if max(map(len, lines)) < at_least:
+        return False
+    for line in lines:
         if len(line) < at_least or (is_ascii and len(line.translate(_ASCII_NON_WORD).split()) <= k):
             continue
         if max_sentence_words(line, at_least) > k:
@@ -355,7 +375,7 @@ def reference_reason(text: str, lang: str | None = None, p: TextRuleParams = GOP
 
 
 def _gopher_counts_reason(text: str, n: int, n_count: int, n_chars: int, cjk: bool, p: TextRuleParams,
-                          stats: dict) -> str:
+                          stats: dict, ellipses: Callable[[str], int] = ellipsis_count) -> str:
     """Gopher's word-count, mean-word-length, '#' and '...' rules (A.1.1), in order, for a text of `n`
     words (`n_count` for the count rules) holding `n_chars` chars; puts the mean word length in `stats`."""
     if p.min_words is not None and n_count < p.min_words:
@@ -373,7 +393,7 @@ def _gopher_counts_reason(text: str, n: int, n_count: int, n_chars: int, cjk: bo
     if p.max_symbol_word_ratio is not None:
         if hash_count(text, p) / n > p.max_symbol_word_ratio:
             return "many_hashes"
-        if ellipsis_count(text) / n > p.max_symbol_word_ratio:
+        if ellipses(text) / n > p.max_symbol_word_ratio:
             return "many_ellipses"
     return ""
 
@@ -497,12 +517,15 @@ def _symbol_frac(text: str, n_chars: int) -> float:
     """Share of non-space chars that are neither letters nor digits (nor '_')."""
     if text.isascii():  # deleting letters, digits and spaces leaves the symbols (4x faster than findall)
         return len(text.translate(_ASCII_NOT_SYMBOL)) / n_chars
-    return len(_SYMBOL_RE.findall(text)) / n_chars
+    # else the same deletion on the UTF-8 bytes (multi-byte chars stay whole), then findall on what is left
+    return len(_SYMBOL_RE.findall(text.encode("utf-8", "surrogatepass").translate(None, _ASCII_NOT_SYMBOL_BYTES)
+                                  .decode("utf-8", "surrogatepass"))) / n_chars
 
 
 _SYMBOL_RE = re.compile(r"[^\w\s]")  # \w is str.isalnum() or "_" (Python re docs)
 _ASCII_NOT_SYMBOL = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if c.isalnum() or c == "_"
                                                   or c.isspace()))
+_ASCII_NOT_SYMBOL_BYTES = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) == "_" or chr(c).isspace())
 _ASCII_SPACES = tuple(c for c in map(chr, range(128)) if c.isspace())  # what str.split() splits ASCII at
 # deleting every ASCII char but letters and spaces: a word without a letter vanishes from .split()
 _ASCII_LETTERS_ONLY = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if not (c.isalpha()
@@ -549,12 +572,10 @@ def _max_run(sorted_h: np.ndarray) -> int:
 
 def _top_positions(h: np.ndarray, sorted_h: np.ndarray, cmax: int) -> np.ndarray:
     """Where the most frequent n-gram (`cmax` times) starts, sorted; ties: the n-gram that appears first."""
-    order = np.argsort(h, kind="stable")  # equal n-grams grouped as in sorted_h, each group in text order
     starts = np.flatnonzero(np.concatenate(([True], sorted_h[1:] != sorted_h[:-1])))
-    counts = np.diff(starts, append=len(order))
-    best = np.flatnonzero(counts == cmax)
-    g = best[np.argmin(order[starts[best]])]
-    return np.sort(order[starts[g] : starts[g] + cmax])
+    tied = sorted_h[starts[np.diff(starts, append=len(sorted_h)) == cmax]]
+    top = tied[0] if len(tied) == 1 else h[np.argmax(np.isin(h, tied))]  # the first of them in the text
+    return np.flatnonzero(h == top)
 
 
 def _ngram_reason(words: list[str], p: TextRuleParams, scale: int = 1) -> str:
@@ -618,14 +639,15 @@ def _gopher_reason(text: str, words: list[str], lines: list[str], n_chars: int, 
     """Gopher quality then repetition, in reference order, given the text's words, non-empty lines
     and the chars of its words; fills `stats` with the score columns."""
     n, n_count = len(words), word_count(words, cjk, p)
-    reason = _gopher_counts_reason(text, n, n_count, n_chars, cjk, p, stats)
+    reason = _gopher_counts_reason(text, n, n_count, n_chars, cjk, p, stats, _ellipsis_count_fast)
     if reason or not n:
         return reason
     if len(lines) < p.line_rules_min_lines:
         pass
-    elif p.max_bullet_lines_frac is not None and sum(1 for ln in lines if _BULLET_RE.match(ln)) \
-            / (sum(_line_count(ln, p) for ln in lines) if p.bullet_line_width else len(lines)) > p.max_bullet_lines_frac:
-        return "bullet_lines"
+    elif p.max_bullet_lines_frac is not None and (bullets := sum(1 for ln in lines if _BULLET_RE.match(ln))) \
+            / len(lines) > p.max_bullet_lines_frac and bullets / (sum(_line_count(ln, p) for ln in lines)
+                                                             if p.bullet_line_width else len(lines)) > p.max_bullet_lines_frac:
+        return "bullet_lines"  # (wrapped lines are at least as many: the first test only skips)
     elif p.max_ellipsis_lines_frac is not None and ("..." in text or "…" in text):
         if sum(1 for ln in lines if ln.rstrip().endswith(_ELLIPSES)) / len(lines) > p.max_ellipsis_lines_frac:
             return "ellipsis_lines"

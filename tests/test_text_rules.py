@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators.base import KEEP, REJECT, REVIEW, build_operator
-from operators.ngram_repetition import repetition_ratio, repetition_ratio_reference
+from operators.ngram_repetition import repetition_ratio, repetition_ratio_reference, repetition_ratios
 from operators.text_rules import (
     GOPHER_DEFAULTS,
     TextRuleParams,
@@ -289,6 +289,18 @@ def test_fast_rules_decide_exactly_like_the_plain_definitions(words, lang, which
     assert analyze(text, p, lang)[0] == reference_reason(text, lang, p)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["...", "…", "....", "\n", "\n\t", "\n  ", " ", "a", "x.", "'", '"', "]", ")", ">",
+                                 "}", "[", "\u2028", "\r"]), max_size=60).map("".join),
+       st.sampled_from([0.1, 0.5, 1.0, 2.0, 4.0]))
+def test_ellipsis_rule_counts_like_its_definition(text, ratio):
+    """The '...' count without regex scans (prompts, metasyntax) decides as the regex definition, at any threshold."""
+    p = TextRuleParams(doc_min_words=1, min_words=1, max_symbol_word_ratio=ratio, max_mean_word_len=None,
+                       min_mean_word_len=None, max_char_run=None, max_symbol_char_frac=None, code_line_frac=None,
+                       dup_line_frac=None, dup_line_char_frac=None, dup_para_frac=None, dup_para_char_frac=None)
+    assert analyze(text, p)[0] == reference_reason(text, None, p)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=400), st.sampled_from([None, "en", "zh"]))
 def test_fast_rules_match_the_definitions_on_any_unicode(text, lang):
@@ -302,6 +314,15 @@ def test_fast_rules_match_the_definitions_on_any_unicode(text, lang):
 def test_hashed_repetition_ratio_equals_the_definition(words, n):
     text = " ".join(words)
     assert repetition_ratio(text, n) == repetition_ratio_reference(text, n)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "the", "图", "Über", "!", "\n"]), max_size=40), max_size=6),
+       st.integers(2, 10))
+def test_batched_repetition_ratios_equal_the_definition_text_by_text(texts, n):
+    """One batch: no n-gram runs from one text into the next, and empty or short texts score 0."""
+    texts = [" ".join(words) for words in texts]
+    assert repetition_ratios(texts, n).tolist() == [repetition_ratio_reference(t, n) for t in texts]
 
 
 def test_c4_and_fineweb_rule_sets_are_options():
