@@ -74,3 +74,23 @@ def test_no_content_goes_through_the_object_store_and_actor_pools_decide_alike(r
 def test_config_rejects_an_unknown_cpu_models_value():
     with pytest.raises(Exception, match="cpu_models"):
         CurateConfig(cpu_models="gpus")
+
+
+def test_stages_are_resolved_once_into_typed_picklable_hashable_values():
+    import pickle
+
+    from operators.text_rules import TextRuleParams
+    from pipeline.curate_config import DedupConfig, resolve_stage
+
+    cfg = load_curate_config(None)
+    for stage in cfg.stages:
+        again = pickle.loads(pickle.dumps(stage))  # what a worker receives
+        assert again == stage and hash(again) == hash(stage) and isinstance(stage.params, stage.cls.Params)
+        assert resolve_stage(stage.spec()) == stage  # the YAML form round-trips
+        assert stage.build().params is stage.params  # built from the resolved settings, not validated again
+    assert resolve_stage({"op": "text_rules"}) == resolve_stage({"op": "text_rules", "min_words": TextRuleParams().min_words})
+    named = CurateConfig(stages=[{"op": "text_rules", "name": "rules2", "min_words": 10}]).stages[0]
+    assert (named.label, named.params.min_words, named.spec()) == ("rules2", 10, {"op": "text_rules", "name": "rules2", "min_words": 10})
+    plugin = resolve_stage({"op": "test_curate_runner:MarkerRule"})  # no Params: its own keyword arguments
+    assert plugin.label == "MarkerRule" and plugin.params is None and plugin.build().params == {}
+    assert isinstance(cfg.dedup, DedupConfig) and CurateConfig(dedup={}).dedup is None  # `dedup: {}`: none
