@@ -616,13 +616,15 @@ def _ngram_reason(words: list[str], p: TextRuleParams, scale: int = 1) -> str:
             continue
         if n_copies is not None and n_copies * n * max_len / total <= frac:
             continue
-        longest = int((cum[n:] - cum[:-n]).max())
-        if n_copies is not None and n_copies * longest / total <= frac:
+        longest = int((cum[n:] - cum[:-n]).max()) if n_copies is not None else None
+        if longest is not None and n_copies * longest / total <= frac:
             continue
         sorted_h = np.sort(hashes(n))
         n_copies = int(np.count_nonzero(sorted_h[1:] == sorted_h[:-1]))
         if not n_copies:
             break  # no n-gram repeats, so no longer one does either
+        if longest is None:  # (taken after the sort the first time: most texts repeat no n-gram at all)
+            longest = int((cum[n:] - cum[:-n]).max())
         if n_copies * longest / total <= frac:
             continue
         order = np.argsort(hashes(n), kind="stable")
