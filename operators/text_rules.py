@@ -682,7 +682,7 @@ def analyze(text: str, p: TextRuleParams, lang: str | None = None, char_re: re.P
     is_ascii = text.isascii()
     if not is_ascii and _BOX_RE.search(text):
         text = text.translate(_LAYOUT)
-    if any(r in text for r in _ASCII_RULES):
+    if any(map(text.__contains__, _ASCII_RULES)):  # (no generator frame per rule)
         text = _ASCII_RULE_RE.sub(lambda m: " " * len(m.group()), text)
     if not text or text.isspace():
         return "", scores
