@@ -19,12 +19,7 @@ import time
 
 import ray
 
-from pipeline.curate_config import (  # noqa: F401  (re-exported: pipeline.curate is the job's entry point)
-    DEFAULT_CONFIG,
-    CurateConfig,
-    load_curate_config,
-    load_operators,
-)
+from pipeline.curate_config import CurateConfig, load_curate_config  # noqa: F401  (load_curate_config: the entry point's)
 from pipeline.curate_exec import plan_segments, route_units, run_operators  # noqa: F401  (plan_segments: tests)
 from pipeline.curate_plots import stage_thresholds, write_plots
 from pipeline.distill_stage import distilled_stages
