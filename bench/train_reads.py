@@ -3,7 +3,7 @@
 Writes the same packed rows (16,384 tokens, `--images` incompressible image blobs of `--image-kb` each, like
 JPEG bytes) in four layouts under one temp dir, then reads `--reads` rows in the training plan's order
 (`train.data.make_plan`, a global permutation) in this process:
-  row_groups_2 / row_groups_40  - train.data.read_rows: one row per row group (what `ivl pack` writes),
+  row_groups_2 / row_groups_40  - train.data.ShardReader.read_rows: one row per row group (what `ivl pack` writes),
                                   footers cached, only the row's group read;
   whole_file_2 / whole_file_40  - the old reader (before this change): `pq.read_table` of the whole shard
                                   behind an LRU cache of 2 files, shards written as one row group.
@@ -97,10 +97,8 @@ def old_reader():
 
 
 def new_reader():
-    """train.data.read_rows with its footer and row-group caches emptied (a fresh worker process)."""
-    D._shard_footer.cache_clear()
-    D._read_row_group.cache_clear()
-    return D.read_rows
+    """train.data.ShardReader.read_rows of a new reader (a fresh data actor: no footer or row group kept)."""
+    return D.ShardReader().read_rows
 
 
 def time_reads(read_rows, files: list[str], order: list[int]) -> tuple[float, float, list[str]]:

@@ -152,9 +152,6 @@ def test_parquet_written_to_s3_reads_with_plain_pyarrow(s3_bucket):
     uri = f"{s3_bucket}/plain/a.parquet"
     sio.write_parquet_atomic(sample_table(4), uri)
     assert pq.read_table(uri).column("id").to_pylist() == [f"src/{i}" for i in range(4)]
-    paths, fs = sio.for_ray([uri])
-    assert paths == [uri[len("s3://"):]] and fs is not None
-    assert json.loads(json.dumps(sio.for_ray(["/tmp/a"])[0])) == ["/tmp/a"]
 
 
 def data_files(out: str) -> dict[str, bytes]:
@@ -187,12 +184,12 @@ def test_chain_on_s3_equals_local(ray_local, s3_bucket, sample_meta, gguf, tmp_p
         local, remote = data_files(sio.join(runs["local"], stage)), data_files(sio.join(runs["s3"], stage))
         assert local and sorted(remote) == sorted(local), stage
         assert all(remote[k] == local[k] for k in local), stage
-    from train.data import data_fingerprint, list_shards, read_row, shard_row_counts
+    from train.data import ShardReader, data_fingerprint, list_shards, shard_row_counts
 
     local, remote = (list_shards(sio.join(r, "pack")) for r in (runs["local"], runs["s3"]))  # training reads
     counts = shard_row_counts(remote)
     assert counts == shard_row_counts(local) and data_fingerprint(remote, counts) == data_fingerprint(local, counts)
-    assert read_row(remote[-1], counts[-1] - 1) == read_row(local[-1], counts[-1] - 1)
+    assert ShardReader().read_row(remote[-1], counts[-1] - 1) == ShardReader().read_row(local[-1], counts[-1] - 1)
     from pipeline.html_report import write_job_report  # what the CLI writes after each job
 
     page = sio.read_text(write_job_report(sio.join(runs["s3"], "curate")))

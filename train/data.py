@@ -9,8 +9,8 @@ epoch permutations of the packed rows laid end to end; optimizer step s, micro-b
 JPEG draws are seeded by the slot, so a resumed run also sees the same pixels.
 
 Reads: a plan slot reads its one packed row by Parquet row group (`ivl pack` writes one row per row group),
-with each shard's footer cached, so a row costs the same whatever the number of shards and never reads its
-neighbours. Chosen over a shard-local order with a shuffle buffer because the plan stays a global
+with each shard's footer kept by its reader (`ShardReader`, one per Ray Data actor), so a row costs the same
+whatever the number of shards and never reads its neighbours. Chosen over a shard-local order with a shuffle buffer because the plan stays a global
 permutation: any step is an exact resume point with no buffer state to checkpoint, and the mix is not
 limited to what a buffer holds. Measured by `bench/train_reads.py` (docs/bench_train.md): 40 shards vs 2
 shards holding the same rows, and the old whole-file read side by side.
@@ -19,14 +19,12 @@ shards holding the same rows, and the old whole-file read side by side.
 from __future__ import annotations
 
 import io
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -171,49 +169,74 @@ def make_plan(num_rows: int, world_size: int, accum: int, total_steps: int, seed
     return order.reshape(total_steps * accum, world_size).T.copy()
 
 
-@lru_cache(maxsize=4096)
-def _shard_footer(path: str, mtime_ns: int, size: int) -> tuple[pq.FileMetaData, np.ndarray]:
-    """A shard's Parquet footer and the first row of each row group (read once per worker process and file
-    version: keyed by mtime and size, so a rewritten shard is never read with a stale footer)."""
-    meta = pq.read_metadata(path)
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    return meta, np.cumsum([0, *sizes])
+def _lru(cache: OrderedDict, key, make, limit: int):
+    """cache[key], made by `make()` on a miss; the least recently used entry goes past `limit`."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    if len(cache) > limit:
+        cache.popitem(last=False)
+    return value
 
 
-@lru_cache(maxsize=2)
-def _read_row_group(path: str, version: tuple[int, int], group: int) -> pa.Table:
-    # 2 groups kept: shards written before one-row groups (a whole file per group) still read each file once
-    # per run of consecutive rows, as the old whole-file cache did
-    meta, _ = _shard_footer(path, *version)
-    return pq.ParquetFile(path, metadata=meta).read_row_group(group, columns=list(PACK_COLUMNS))
+class ShardReader:
+    """Packed rows by Parquet row group, keeping each shard's footer (keyed by mtime and size, so a rewritten
+    shard is never read with a stale footer) and the last `groups` row groups read. One per reading process
+    (a Ray Data actor of `FetchAndPrepare`, the one-process loop): every footer is read once there."""
+
+    def __init__(self, footers: int = 4096, groups: int = 2):
+        # 2 groups: shards written before one-row groups (a whole file per group) still read each file once
+        # per run of consecutive rows, as the old whole-file cache did
+        self.footers: OrderedDict = OrderedDict()
+        self.groups: OrderedDict = OrderedDict()
+        self.max_footers, self.max_groups = footers, groups
+
+    def footer(self, path: str, version: tuple[int, int]) -> tuple[pq.FileMetaData, np.ndarray]:
+        """A shard's Parquet footer and the first row of each row group."""
+        def read():
+            meta = pq.read_metadata(path)
+            return meta, np.cumsum([0, *(meta.row_group(i).num_rows for i in range(meta.num_row_groups))])
+
+        return _lru(self.footers, (path, *version), read, self.max_footers)
+
+    def read_row(self, path: str, index: int) -> dict:
+        """Row `index` of one shard, reading only the row group that holds it."""
+        size, mtime_ns = size_and_mtime(path)  # local or any pyarrow.fs URI
+        version = (mtime_ns, size)
+        meta, starts = self.footer(path, version)
+        g = int(np.searchsorted(starts, index, side="right")) - 1
+
+        def read():
+            return pq.ParquetFile(path, metadata=meta).read_row_group(g, columns=list(PACK_COLUMNS))
+
+        group = _lru(self.groups, (path, *version, g), read, self.max_groups)
+        return group.slice(int(index - starts[g]), 1).to_pylist()[0]
+
+    def read_rows(self, files: list[str], counts: list[int], rows: list[int]) -> dict[str, list]:
+        """Packed rows by global index (shards concatenated in `files` order), as python lists per column."""
+        starts = np.cumsum([0, *counts])
+        out: dict[str, list] = {k: [] for k in PACK_COLUMNS}
+        for r in rows:
+            f = int(np.searchsorted(starts, r, side="right")) - 1
+            rec = self.read_row(str(files[f]), int(r - starts[f]))
+            for k in PACK_COLUMNS:
+                out[k].append(rec[k])
+        return out
 
 
-def read_row(path: str, index: int) -> dict:
-    """Row `index` of one shard, reading only the row group that holds it."""
-    size, mtime_ns = size_and_mtime(path)  # local or any pyarrow.fs URI
-    version = (mtime_ns, size)
-    _, starts = _shard_footer(path, *version)
-    g = int(np.searchsorted(starts, index, side="right")) - 1
-    return _read_row_group(path, version, g).slice(int(index - starts[g]), 1).to_pylist()[0]
+class FetchAndPrepare:
+    """`map_batches` over a plan dataset (columns plan_index, row): read the rows, then `prepare_batch`.
+    A callable class, so Ray Data keeps one per actor and its `ShardReader` serves every row it prepares."""
 
+    def __init__(self, files: list[str], counts: list[int], seed: int):
+        self.files, self.counts, self.seed = files, counts, seed
+        self.reader = ShardReader()
 
-def read_rows(files: list[str], counts: list[int], rows: list[int]) -> dict[str, list]:
-    """Packed rows by global index (shards concatenated in `files` order), as python lists per column."""
-    starts = np.cumsum([0, *counts])
-    out: dict[str, list] = {k: [] for k in PACK_COLUMNS}
-    for r in rows:
-        f = int(np.searchsorted(starts, r, side="right")) - 1
-        rec = read_row(str(files[f]), int(r - starts[f]))
-        for k in PACK_COLUMNS:
-            out[k].append(rec[k])
-    return out
-
-
-def fetch_and_prepare(batch: dict[str, np.ndarray], files: list[str], counts: list[int], seed: int) -> dict:
-    """`map_batches` over a plan dataset (columns plan_index, row): read the rows, then `prepare_batch`."""
-    rows = read_rows(files, counts, [int(r) for r in batch["row"]])
-    rows["plan_index"] = batch["plan_index"]
-    return prepare_batch(rows, seed)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        rows = self.reader.read_rows(self.files, self.counts, [int(r) for r in batch["row"]])
+        rows["plan_index"] = batch["plan_index"]
+        return prepare_batch(rows, self.seed)
 
 
 def plan_items(plan_rank: np.ndarray, start: int = 0, rank: int = 0, world_size: int = 1) -> list[dict]:
@@ -228,12 +251,13 @@ def plan_items(plan_rank: np.ndarray, start: int = 0, rank: int = 0, world_size:
 def iterate_local(
     files: list[str], counts: list[int], items: list[dict], seed: int, prefetch: int = 2
 ) -> Iterator[dict]:
-    """The one-process path: the same `fetch_and_prepare`, one row at a time, no Ray; a background thread
+    """The one-process path: the same `FetchAndPrepare`, one row at a time, no Ray; a background thread
     prepares the next `prefetch` rows while the current one trains (PIL decode/resize release the GIL)."""
+    fetch = FetchAndPrepare(files, counts, seed)  # one thread at a time uses it: the pool has one worker
 
     def one(item: dict) -> dict:
         batch = {"plan_index": np.array([item["plan_index"]]), "row": np.array([item["row"]])}
-        return {k: v[0] for k, v in fetch_and_prepare(batch, files, counts, seed).items()}
+        return {k: v[0] for k, v in fetch(batch).items()}
 
     if prefetch <= 0:
         yield from map(one, items)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from train.checkpoint import latest_checkpoint, load_trainer_state
 from train.data import (
+    FetchAndPrepare,
     data_fingerprint,
-    fetch_and_prepare,
     fingerprint_change,
     list_shards,
     make_plan,
@@ -119,6 +119,7 @@ def run_train(
     return _run_ray(job, workers, job.use_gpu, address, cpus_per_worker, max_failures)
 
 
+DATA_CPUS_PER_RANK = 1  # the CPU each rank's data actor holds (FetchAndPrepare: read, decode, tile)
 # Ray Train's documented timeouts (docs.ray.io, train/user-guides/debugging.html, "Debugging environment
 # variables"); read from the driver's environment when `fit` starts the controller, and passed on to it. On a
 # loaded 2-core node a worker that imports torch and transformers can take minutes to start: the default 60 s
@@ -155,8 +156,8 @@ def _run_ray(
 
     from pipeline.session import init_ray
 
-    # an embedded Ray needs a CPU slot per worker plus room for Ray Data's decode/tiling tasks
-    cpus = None if address else max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker) + 2)
+    # an embedded Ray needs a CPU slot per worker and one per rank's data actor (decode, tiling)
+    cpus = None if address else max(os.cpu_count() or 1, math.ceil(workers * (cpus_per_worker + DATA_CPUS_PER_RANK)))
     init_ray(address, num_cpus=cpus, job_name=f"ivl-train-stage{job.stage['stage']}")
     seed = job.stage["seed"]
     start_micro = job.start_step * job.stage["grad_accum"]
@@ -165,11 +166,14 @@ def _run_ray(
     datasets = {}
     for r in range(workers):
         items = plan_items(job.plan[r], start_micro, rank=r, world_size=workers)
+        # one data actor per rank: its ShardReader keeps every footer it reads (train/data.py)
         datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            fetch_and_prepare,
-            fn_kwargs={"files": job.files, "counts": job.counts, "seed": seed},
+            FetchAndPrepare,
+            fn_constructor_kwargs={"files": job.files, "counts": job.counts, "seed": seed},
             batch_size=1,
             batch_format="numpy",
+            concurrency=1,
+            num_cpus=DATA_CPUS_PER_RANK,
         )
     out = Path(job.out)
     trainer = TorchTrainer(
