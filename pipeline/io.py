@@ -133,15 +133,6 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def for_ray(paths: list[str]) -> tuple[list[str], pafs.FileSystem | None]:
-    """Paths and filesystem for `ray.data.read_*(paths, filesystem=...)`: local paths as they are, URIs as
-    paths inside their (picklable) filesystem, so Ray's workers reach the same storage with the same options."""
-    if not paths or _is_local(str(paths[0])):
-        return [_local(str(p)) for p in paths], None
-    resolved = [resolve(p) for p in paths]
-    return [p for _fs, p in resolved], resolved[0][0]
-
-
 def _info(path: str) -> pafs.FileInfo:
     fs, p = resolve(path)
     return fs.get_file_info(p)
