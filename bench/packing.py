@@ -215,6 +215,10 @@ def baseline_pack_job():
     root = Path(__file__).resolve().parent.parent
     src = subprocess.run(["git", "show", "bbfa868:pipeline/pack_job.py"], cwd=root, capture_output=True, text=True,
                          check=True).stdout
+    # today's one accounting check lives in pipeline/jobs.py (bbfa868's counted kept + rejected)
+    src = src.replace("from pipeline.report import check_accounting, histogram, write_summary",
+                      "from pipeline.report import histogram, write_summary\nfrom pipeline.jobs import check_accounting")
+    src = src.replace("check_accounting(summary)", 'check_accounting(summary, splits=("kept", "rejected"))')
     mod = types.ModuleType("pack_job_bbfa868")
     mod.__file__ = "bbfa868:pipeline/pack_job.py"
     import sys
