@@ -37,9 +37,7 @@ def is_code_lines(lines: list[str], code_line_frac: float | None = CODE_LINE_FRA
     """is_code given the text's non-empty lines (callers that split the lines already)."""
     if code_line_frac is None or len(lines) < 3:
         return False
-    # is_code_line inlined (a call per line costs as much as the test)
-    n = sum(1 for ln in lines if ln.startswith(_CODE_LINE_START) or ln.rstrip()[-1:] in _CODE_LINE_END)
-    return n >= code_line_frac * len(lines)
+    return sum(1 for ln in lines if is_code_line(ln)) >= code_line_frac * len(lines)
 
 
 def is_code_line(line: str) -> bool:
