@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from functools import lru_cache
@@ -28,11 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from operators.packing import PACKED_SCHEMA  # noqa: E402
-from train import data as D  # noqa: E402
+from operators.packing import PACKED_SCHEMA
+from train import data as D
 
 TOKENS = 16_384
 
