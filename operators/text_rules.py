@@ -523,9 +523,8 @@ def _symbol_frac(text: str, n_chars: int) -> float:
 
 
 _SYMBOL_RE = re.compile(r"[^\w\s]")  # \w is str.isalnum() or "_" (Python re docs)
-_ASCII_NOT_SYMBOL = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if c.isalnum() or c == "_"
-                                                  or c.isspace()))
 _ASCII_NOT_SYMBOL_BYTES = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) == "_" or chr(c).isspace())
+_ASCII_NOT_SYMBOL = str.maketrans("", "", _ASCII_NOT_SYMBOL_BYTES.decode())
 _ASCII_SPACES = tuple(c for c in map(chr, range(128)) if c.isspace())  # what str.split() splits ASCII at
 # deleting every ASCII char but letters and spaces: a word without a letter vanishes from .split()
 _ASCII_LETTERS_ONLY = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if not (c.isalpha()
