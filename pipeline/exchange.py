@@ -4,8 +4,8 @@ A `Parts` is a table in storage cut into `n` hash partitions. Every writer task 
 file holding its non-empty partitions as row groups, in partition order, and returns its rows per
 partition; the task for partition p reads that row group of every file. Rows go task -> storage ->
 task, and only file names and counts go through Ray's object store (NeMo Curator's fuzzy dedup
-shuffles its buckets the same way). Files are written atomically under names derived from the
-stage and the writer (pipeline/io.py), and a stage reads only the files its writers returned, so a
+shuffles its buckets the same way). Files are renamed into place (`write_part_file`) under names
+derived from the stage and the writer, and a stage reads only the files its writers returned, so a
 rerun overwrites and never reads a stale file.
 
 `StoreBytes` counts what the job puts into the object store: Ray Data operators' output blocks (its
@@ -14,6 +14,7 @@ stats), plus the serialized arguments and returns of the tasks run here (`run_ta
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import ray
 import ray.cloudpickle
 import xxhash
 
-from pipeline.io import atomic_write_bytes, open_input
+from pipeline.io import atomic_write_bytes, is_uri, open_input
 
 Slices = list[tuple[str, int]]  # (file, row group): one partition's pieces, what a task reads
 
@@ -74,8 +75,21 @@ def write_parts(table: pa.Table, part: np.ndarray, n: int, path: str) -> Parts:
             if c:
                 w.write_table(table.slice(start, c), row_group_size=c)
                 start += c
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_part_file(path, sink.getvalue().to_pybytes())
     return Parts(n, ((path, tuple(counts.tolist())),))
+
+
+def write_part_file(path: str, data: bytes) -> None:
+    """A partition file, renamed into place (a retried task never leaves half of one) but not fsynced
+    locally: only this run's later tasks read it, and a rerun removes the run's partitions first."""
+    if is_uri(path):
+        atomic_write_bytes(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def read_part(slices: Slices, schema: pa.Schema) -> pa.Table:
