@@ -184,7 +184,7 @@ def test_rerun_gives_identical_packs(packed, tok):
 
 
 def partition_spec(tmp_path, tok, files: list[str], rows: int) -> dict:
-    """What run_pack hands one partition task (one partition, so its exact search runs)."""
+    """What run_pack hands one partition call (one partition, so its exact search runs)."""
     tok_dir = str(tmp_path / "tok")
     tok.save_pretrained(tok_dir)
     return {"out_dir": str(tmp_path / "out"), "index": 0, "shards": list(enumerate(files)), "rows": rows,

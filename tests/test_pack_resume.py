@@ -22,6 +22,7 @@ from pipeline.ingest import run_ingest
 from pipeline.io import read_marker, write_parquet_atomic
 from pipeline.pack_job import (
     TAIL_KEY,
+    PackWorkers,
     cache_args,
     part_key,
     plan_partitions,
@@ -60,7 +61,14 @@ def ingested(ray_local, sample_meta, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clean(ingested, tok, tmp_path_factory):
+def workers(ray_local):
+    """One pool of pack actors for this module's runs (a new actor starts a process and loads the tokenizer)."""
+    with PackWorkers(2) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def clean(ingested, tok, workers, tmp_path_factory):
     """Uninterrupted runs into fresh folders, one per set of arguments, made once."""
     runs: dict[tuple, tuple[Path, dict]] = {}
 
@@ -69,7 +77,7 @@ def clean(ingested, tok, tmp_path_factory):
         key = tuple(sorted(args.items()))
         if key not in runs:
             out = tmp_path_factory.mktemp("clean")
-            runs[key] = out, run_pack(str(ingested), str(out), tok, **args)
+            runs[key] = out, run_pack(str(ingested), str(out), tok, workers=workers, **args)
         return runs[key]
 
     return get
@@ -123,12 +131,12 @@ def partitions_of(ingested) -> list[list[int]]:
 
 
 @pytest.mark.slow
-def test_killed_mid_partition_rerun_redoes_only_that_partition(ingested, tok, clean, tmp_path):
+def test_killed_mid_partition_rerun_redoes_only_that_partition(ingested, tok, workers, clean, tmp_path):
     ref, ref_summary = clean()
     assert ref_summary["partitions"] == len(partitions_of(ingested)) >= 3
     assert ref_summary["rejected"] > 0 and ref_summary["split_samples"] and ref_summary["tail_packs"]
     out = tmp_path / "out"
-    run_pack(str(ingested), str(out), tok, **BUDGETS)
+    run_pack(str(ingested), str(out), tok, workers=workers, **BUDGETS)
     # The state a kill inside partition 1 leaves: neither its marker nor the tail's written, its first
     # pack file written and the next cut short, plus a file of an older, longer run under its prefix.
     os.remove(pack_job.marker_path(str(out), part_key(1)))
@@ -138,7 +146,7 @@ def test_killed_mid_partition_rerun_redoes_only_that_partition(ingested, tok, cl
     (out / "kept" / ".tmp-123-pack-00001-00001.parquet").write_bytes(b"PAR1 cut short")
     (out / "kept" / "pack-00001-09999.parquet").write_bytes(b"from an older, longer run")
 
-    s = run_pack(str(ingested), str(out), tok, **BUDGETS)
+    s = run_pack(str(ingested), str(out), tok, workers=workers, **BUDGETS)
     assert s["resumed_partitions"] == s["partitions"] - 1 and s["tokenized_rows"] == 0  # its tokens were cached
     assert counts(s) == counts(ref_summary)
     assert outputs(out) == outputs(ref)
@@ -146,10 +154,10 @@ def test_killed_mid_partition_rerun_redoes_only_that_partition(ingested, tok, cl
 
 
 @pytest.mark.slow
-def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, tok, clean, tmp_path):
+def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, tok, workers, clean, tmp_path):
     ref, ref_summary = clean()
     out = tmp_path / "out"
-    run_pack(str(ingested), str(out), tok, **BUDGETS)
+    run_pack(str(ingested), str(out), tok, workers=workers, **BUDGETS)
     # The state a kill while tokenizing leaves: the later partitions uncommitted, their shards' tokens
     # partly cached (one cache file without its marker), a half-written temp file, the tail uncommitted.
     parts = partitions_of(ingested)
@@ -166,7 +174,7 @@ def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, to
     (out / "kept" / ".tmp-123-pack-00002.parquet").write_bytes(b"PAR1 cut short")
     (out / "kept" / "pack-09999.parquet").write_bytes(b"from an older, longer run")
 
-    s = run_pack(str(ingested), str(out), tok, **BUDGETS)
+    s = run_pack(str(ingested), str(out), tok, workers=workers, **BUDGETS)
     lost_rows = sum(pq.read_metadata(tokens_path(str(out), i)).num_rows for i in lost)
     n = ref_summary["input_shards"]
     assert s["resumed_shards"] == n - len(lost) and s["tokenized_rows"] == lost_rows < s["input"]
@@ -177,15 +185,15 @@ def test_interrupted_while_tokenizing_rerun_tokenizes_only_the_rest(ingested, to
 
 
 @pytest.mark.slow
-def test_changed_arguments_never_reuse_stale_tokens(ingested, tok, clean, tmp_path, caplog):
+def test_changed_arguments_never_reuse_stale_tokens(ingested, tok, workers, clean, tmp_path, caplog):
     out = tmp_path / "out"
-    run_pack(str(ingested), str(out), tok, **BUDGETS)
+    run_pack(str(ingested), str(out), tok, workers=workers, **BUDGETS)
 
     # A budget decides what is rejected and where samples are cut: the tokens are stale.
     smaller = {**BUDGETS, "max_tokens": 2500, "max_tiles": 8}
     ref, ref_summary = clean(max_tokens=2500, max_tiles=8)
     with caplog.at_level(logging.WARNING, logger="pipeline.pack_job"):
-        s = run_pack(str(ingested), str(out), tok, **smaller)
+        s = run_pack(str(ingested), str(out), tok, workers=workers, **smaller)
     assert "max_tiles, max_tokens changed" in caplog.text
     assert s["resumed_shards"] == 0 and s["tokenized_rows"] == s["input"]
     assert counts(s) == counts(ref_summary) and outputs(out) == outputs(ref)
@@ -193,7 +201,7 @@ def test_changed_arguments_never_reuse_stale_tokens(ingested, tok, clean, tmp_pa
     # Packing arguments are not in the tokens: they are reused, and the packs are a clean run's.
     ref, ref_summary = clean(max_tokens=2500, max_tiles=8, mode="internvl", seed=7, rows_per_shard=2)
     caplog.clear()
-    s = run_pack(str(ingested), str(out), tok, **{**smaller, "mode": "internvl", "seed": 7, "rows_per_shard": 2})
+    s = run_pack(str(ingested), str(out), tok, workers=workers, **{**smaller, "mode": "internvl", "seed": 7, "rows_per_shard": 2})
     assert "changed" not in caplog.text
     assert s["resumed_shards"] == s["input_shards"] and s["tokenized_rows"] == 0
     assert counts(s) == counts(ref_summary) and outputs(out) == outputs(ref)
