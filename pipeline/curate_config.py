@@ -53,7 +53,8 @@ class DedupConfig(BaseModel):
     image_max_hamming: int = Field(4, ge=0, le=15, description="max differing pHash bits per image")
     rows_per_partition: int = Field(100_000, ge=1, description="key rows (id, hash, signature) per shuffle partition")
     local_components_max_edges: int = Field(
-        0, ge=0, description="verified edges up to which one process runs union-find (0: always distributed)"
+        200_000, ge=0, description="verified edges up to which one task runs union-find (tens of MB in Python; more "
+                                   "edges: distributed large/small-star rounds; 0: always distributed)"
     )
     max_rounds: int = Field(40, ge=1, description="cap on large-star/small-star rounds")
 
