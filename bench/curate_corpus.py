@@ -4,11 +4,13 @@ n-gram repetition, fastText language ID, exact + MinHash dedup) over the real te
 against the runner of commit bbfa868 (`git show bbfa868:pipeline/curate.py`, loaded as a module) in the
 same process, and the same runner on 1 core (CPU affinity {0}, Ray num_cpus 1) against all cores.
 Ray start-up is excluded from every figure (Ray is started and one task per core has run, then the job
-is timed); `summary.json: phase_seconds` says where the job's seconds went.
+is timed), and so is each runner's first job in the process: every runner runs once, untimed, on one
+shard first (--no-warmup skips it), so the driver's lazy imports (dedup, matplotlib) do not land on
+whichever run comes first; `summary.json: phase_seconds` says where the job's seconds went.
 The corpus documents become one-turn samples (the document is the assistant turn), written as
 canonical Parquet shards of 1,000 rows first (not timed).
 Usage: .venv/bin/python bench/curate_corpus.py [--corpus /tmp/text-corpus/corpus.jsonl] [--limit N]
-       [--no-baseline] [--no-one-core] [--cpu-models tasks|actors]"""
+       [--no-baseline] [--no-one-core] [--no-warmup] [--cpu-models tasks|actors]"""
 
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ def main():
     ap.add_argument("--no-baseline", action="store_true", help=f"skip commit {BASELINE}'s runner")
     ap.add_argument("--no-one-core", action="store_true", help="skip the run on one core")
     ap.add_argument("--baseline-first", action="store_true", help="run the baseline before this runner (load drifts)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip each runner's untimed warm-up job on one shard (the driver's one-time imports)")
     ap.add_argument("--cpu-models", default=None, choices=["tasks", "actors"], help="override the config's cpu_models")
     a = ap.parse_args()
     os.environ["IVL_PROGRESS"] = "0"
@@ -128,6 +132,12 @@ def main():
     old_cfg = None if old is None else old.CurateConfig(  # bbfa868's config takes the YAML mappings
         stages=[s.spec() for s in cfg.stages], dedup=cfg.dedup and cfg.dedup.model_dump(exclude_unset=True),
         batch_size=cfg.batch_size)
+    if not a.no_warmup:  # every runner once on one shard first: its driver's lazy imports (dedup, plots) are paid
+        write_shards(a.corpus, f"{tmp}/warm", 1000)  # before timing, as Ray start-up is, for all runs alike
+        timed(run_curate, cfg, f"{tmp}/warm", f"{tmp}/warm-out", cores)
+        if old is not None:
+            timed(old.run_curate, old_cfg, f"{tmp}/warm", f"{tmp}/warm-outb", cores)
+        print("warm-up: each runner ran once on one shard (untimed)")
     if old is not None and a.baseline_first:
         wallb, _ = timed(old.run_curate, old_cfg, f"{tmp}/in", f"{tmp}/outb", cores)
         print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s "
