@@ -114,7 +114,6 @@ from pipeline.jobs import (
     plan_units,
     read_unit_marker,
 )
-from pipeline.report import histogram, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -767,6 +766,8 @@ def run_pack(
 
 def _summarise(out_dir: str, parts: list[Marker], tail: Marker, t0: float, **run) -> dict:
     """summary.json and the fill plot, from the markers alone (pipeline/jobs.py `merge`)."""
+    from pipeline.report import histogram, write_summary  # matplotlib: ~0.4 s the pack actors need not import
+
     markers = [*parts, tail]
     merged = merge(markers)
 
