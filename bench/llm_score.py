@@ -229,7 +229,7 @@ def arrival_order(backend: HFBackend, rows: list[list[int]], tokens: ScoreTokens
     sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(rows), backend.cfg.batch_size):
-        backend._score_rows(rows[i : i + backend.cfg.batch_size], tokens)
+        backend.score_rows(rows[i : i + backend.cfg.batch_size], tokens)
     sync(device)
     return time.perf_counter() - t0
 
@@ -253,7 +253,7 @@ def vllm_seconds(model, rows: list[list[int]], tokens: ScoreTokens, max_len: int
                    enable_prefix_caching=True, gpu_memory_utilization=0.6, seed=0)
     print(f"vLLM {vllm.__version__}: engine started in {time.perf_counter() - t0:.1f} s")
     backend = VLLMBackend.__new__(VLLMBackend)  # the ivl scoring path on this engine, no tokenizer needed
-    backend.llm, backend._vllm, backend.exact_ids = llm, vllm, supports_token_ids(vllm.SamplingParams)
+    backend.llm, backend.vllm, backend.exact_ids = llm, vllm, supports_token_ids(vllm.SamplingParams)
     backend.score_ids(rows[:8], tokens)  # warm-up
     t0 = time.perf_counter()
     results = backend.score_ids(rows, tokens)

@@ -27,6 +27,8 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 _DCT = _dct_matrix(_N)
 _BITS = np.uint64(1) << np.arange(64, dtype=np.uint64)[::-1]
+_DCT.setflags(write=False)  # constant tables
+_BITS.setflags(write=False)
 
 
 def phash(data: bytes) -> int:

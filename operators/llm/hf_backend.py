@@ -147,11 +147,11 @@ class HFBackend(TokenizedBackend):
         results: list[ScoreResult | None] = [None] * len(ids_list)
         lengths = [len(r) + 1 for r in ids_list]
         for batch in length_sorted_batches(lengths, self.cfg.batch_size, self.cfg.max_batch_tokens):
-            for i, res in zip(batch, self._score_rows([ids_list[i] for i in batch], tokens)):
+            for i, res in zip(batch, self.score_rows([ids_list[i] for i in batch], tokens)):
                 results[i] = res
         return results  # type: ignore[return-value]
 
-    def _score_rows(self, rows: list[list[int]], tokens: ScoreTokens) -> list[ScoreResult]:
+    def score_rows(self, rows: list[list[int]], tokens: ScoreTokens) -> list[ScoreResult]:
         """A failing batch (out of memory, say) is retried row by row, so one bad row fails alone."""
         try:
             return self._score_batch(rows, tokens)
@@ -160,4 +160,4 @@ class HFBackend(TokenizedBackend):
                 return [ScoreResult.failed(f"{type(e).__name__}: {e}", len(rows[0]))]
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            return [r for row in rows for r in self._score_rows([row], tokens)]
+            return [r for row in rows for r in self.score_rows([row], tokens)]

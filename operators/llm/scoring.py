@@ -40,6 +40,7 @@ import numpy as np
 
 N_SCORES = 11  # 0..10
 SCORES = np.arange(N_SCORES, dtype=np.float64)
+SCORES.setflags(write=False)  # a constant
 SINGLE, TWO_STEP, GENERATE = "single", "two_step", "generate"
 
 

@@ -180,7 +180,7 @@ class VLLMBackend(TokenizedBackend):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self._vllm = vllm
+        self.vllm = vllm
         self.exact_ids = supports_token_ids(vllm.SamplingParams)
         kw = engine_kwargs(cfg, self.exact_ids)
         self.llm = vllm.LLM(**kw)
@@ -201,7 +201,7 @@ class VLLMBackend(TokenizedBackend):
 
     def score_ids(self, ids_list: list[list[int]], tokens: ScoreTokens) -> list[ScoreResult]:
         lengths = [len(ids) for ids in ids_list]
-        sp = self._vllm.SamplingParams
+        sp = self.vllm.SamplingParams
         if tokens.mode == GENERATE:
             outs = self._generate(build_requests(ids_list), [sp(**sampling_kwargs(None))] * len(ids_list))
             return [result_from_text(o.outputs[0].text, prompt_tokens=n) for o, n in zip(outs, lengths)]
