@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import signal
 import string
 import subprocess
 import sys
@@ -96,13 +97,19 @@ def _render_man(path: str, cache: dict[str, str]) -> str:
     if path in cache:
         return cache[path]
     env = {**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8"}
-    try:
-        r = subprocess.run(f"man -l -P cat '{path}' 2>/dev/null | col -bx", shell=True, capture_output=True,
-                           timeout=60, env=env)
-        cache[path] = r.stdout.decode("utf-8", "replace")
-        return cache[path]
-    except (OSError, subprocess.SubprocessError):
+    try:  # its own process group: a timeout kills man's troff too (it hung on a zh_CN page, orphaned)
+        proc = subprocess.Popen(f"man -l -P cat '{path}' 2>/dev/null | col -bx", shell=True, env=env,
+                                stdout=subprocess.PIPE, start_new_session=True)
+    except OSError:
         return ""
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return ""
+    cache[path] = out.decode("utf-8", "replace")
+    return cache[path]
 
 
 def src_man(rng: random.Random, per_lang: int, cache: dict[str, str]):
