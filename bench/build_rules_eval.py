@@ -116,7 +116,7 @@ def src_man(rng: random.Random, per_lang: int, cache: dict[str, str]):
     for sub, lang in MAN_LANGS.items():
         files = sorted(f for f in glob.glob(f"/usr/share/man/{sub + '/' if sub else ''}man[1-8]/*")
                        if os.path.isfile(f) and not os.path.islink(f) and not os.path.basename(f).startswith("gcloud"))
-        if not files:  # (gcloud's ~16k generated near-identical pages excluded, as tools/build_text_corpus.py does)
+        if not files:  # (gcloud's ~16k generated near-identical pages excluded, as ../shared/tools/build_text_corpus.py does)
             continue
         pick = rng.sample(files, min(per_lang, len(files)))
         with ThreadPoolExecutor(2) as ex:

@@ -1,4 +1,4 @@
-"""MinHash dedup benchmark on the real text corpus (tools/build_text_corpus.py) with planted near-dups.
+"""MinHash dedup benchmark on the real text corpus (../shared/tools/build_text_corpus.py) with planted near-dups.
 
 Part 1 (one core, same process): shingling + signatures, ours vs datasketch's update loop,
 update_batch and MinHash.bulk, and LSH candidates vs datasketch MinHashLSH insert+query; docs per

