@@ -133,7 +133,7 @@ def src_man(rng: random.Random, per_lang: int, cache: dict[str, str]):
 NAV_CLASSES = frozenset(["sphinxsidebar", "related", "footer", "navigation"])
 
 
-class _HTMLText(html.parser.HTMLParser):
+class HTMLText(html.parser.HTMLParser):
     """<p>/<dd>/<li> text as prose paragraphs, <pre> as code blocks (line breaks kept); navigation skipped."""
 
     def __init__(self):
@@ -184,7 +184,7 @@ class _HTMLText(html.parser.HTMLParser):
 
 
 def _html_parts(path: str) -> list[tuple[str, str]]:
-    parser = _HTMLText()
+    parser = HTMLText()
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         parser.feed(f.read())

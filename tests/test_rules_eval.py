@@ -3,7 +3,7 @@ counts as a page's text, and which rules it says fire on an item."""
 
 from __future__ import annotations
 
-from build_rules_eval import _HTMLText
+from build_rules_eval import HTMLText
 from rules_quality import firing_rules, without_rule
 
 from operators.text_rules import TextRuleParams, analyze
@@ -20,7 +20,7 @@ def test_navigation_is_not_page_text():
             '<pre>import itertools</pre></div>'
             '<div class="sphinxsidebar"><div class="sphinxsidebarwrapper"><p class="topless">statistics — '
             'Mathematical statistics</p></div></div><p>Last paragraph.</p></body></html>')
-    parser = _HTMLText()
+    parser = HTMLText()
     parser.feed(page)
     assert parser.out == [("p", "The modules in this chapter support functional programming."),
                           ("pre", "import itertools"), ("p", "Last paragraph.")]
