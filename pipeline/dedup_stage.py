@@ -43,10 +43,10 @@ import xxhash
 
 from operators.base import conversation_texts
 from operators.dedup import components as cc
-from operators.dedup.exact import content_hashes
+from operators.dedup.exact import content_hashes_of, content_hashes_of_tokens
 from operators.dedup.image import band_values, hamming, near_pairs, phash
 from operators.dedup.lsh import band_keys, estimated_jaccard, optimal_param
-from operators.dedup.minhash import MinHasher
+from operators.dedup.minhash import MinHasher, doc_pieces
 from operators.images import ImageError
 from pipeline.curate_config import DedupConfig
 from pipeline.exchange import Parts, Slices, StoreBytes, read_part, run_tasks, str_part, union, write_parts
@@ -109,17 +109,37 @@ class KeyMaker:
         cols: dict[str, pa.Array] = {"id": pc.cast(batch.column("id"), _S)}
         cols["score"] = (pc.cast(batch.column(c.score_column), pa.float64()) if c.keep == "highest_score"
                          else pa.nulls(n, pa.float64()))
-        cols["ehash"] = (pa.array(content_hashes(batch, self.hasher.tokens), pa.binary(16)) if c.exact
-                         else pa.nulls(n, pa.binary(16)))
+        images = batch.column("images").to_pylist() if "images" in batch.column_names else [None] * n
+        ehash, sig, ok = self._hashes(conversation_texts(batch, "all"), images)
+        cols["ehash"] = pa.array(ehash, pa.binary(16)) if c.exact else pa.nulls(n, pa.binary(16))
         if c.minhash:
-            sig, ok = self.hasher.signatures(conversation_texts(batch, "all"))
             cols["sig"], cols["has_sh"] = _sig_array(sig), pa.array(ok)
         else:
             cols["sig"], cols["has_sh"] = pa.nulls(n, pa.binary(4 * c.num_perm)), pa.nulls(n, pa.bool_())
-        images = batch.column("images").to_pylist() if "images" in batch.column_names else [None] * n
         cols["phash"] = pa.array([_phashes(im) if c.image else [] for im in images], pa.list_(pa.uint64()))
         cols["img"] = pa.array([image_identity(im) for im in images], pa.uint64())
         return pa.table(cols, schema=key_schema(c))
+
+
+    def _hashes(self, texts: list[str], images: list) -> tuple[list | None, np.ndarray | None, np.ndarray | None]:
+        """(exact content hashes, MinHash signatures, has-a-shingle) of a batch; each document is tokenised once
+        for both when MinHash hashes its shingles from the tokens (hash: fast)."""
+        c = self.cfg
+        if not (c.exact and c.minhash and c.hash == "fast"):
+            ehash = content_hashes_of(texts, images, self.hasher.tokens) if c.exact else None
+            sig, ok = self.hasher.signatures(texts) if c.minhash else (None, None)
+            return ehash, sig, ok
+        ehash, sigs, oks, start = [], [], [], 0
+        for piece in doc_pieces(texts):
+            th, lens = self.hasher.tokens.token_hashes(piece)
+            ehash += content_hashes_of_tokens(th, lens, images[start : start + len(piece)])
+            sig, ok = self.hasher.signatures_of_tokens(th, lens)
+            sigs.append(sig)
+            oks.append(ok)
+            start += len(piece)
+        if not sigs:
+            return ehash, np.zeros((0, c.num_perm), dtype=np.uint32), np.zeros(0, dtype=bool)
+        return ehash, np.concatenate(sigs), np.concatenate(oks)
 
 
 def row_keys(batch: pa.Table, cfg: DedupConfig) -> pa.Table:

@@ -280,3 +280,34 @@ def test_partitions_through_storage_keep_every_row_once(tmp_path_factory, writer
         assert set(got.column("p").to_pylist()) <= {p}
         want = sorted((w, i) for w, ps in enumerate(writers) for i, q in enumerate(ps) if q == p)
         assert sorted(zip(got.column("w").to_pylist(), got.column("i").to_pylist())) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["", "   ", "Hello, world!", "the cat sat on the mat again and again",
+                                 "图书馆 在 哪里", "a b c d e f g h", "ÉCOLE école"]), min_size=1, max_size=12),
+       st.integers(1, 40))
+def test_dedup_keys_tokenise_once_and_equal_the_separate_hashes(texts, piece_chars):
+    """The keys hash each document's tokens once for exact and MinHash dedup: the same content hashes and
+    signatures as computing them apart, documents that normalise to nothing included, across pieces."""
+    import operators.dedup.minhash as mh
+    from pipeline.curate_config import DedupConfig
+    from pipeline.dedup_stage import KeyMaker
+
+    rows = [{"id": f"r{i}", "source": "s", "category": "", "meta": "{}", "images": [],
+             "conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": t[::-1]}]}
+            for i, t in enumerate(texts)]
+    table = rows_to_table(rows)
+    keys = KeyMaker(DedupConfig())(table)
+    hasher = MinHasher()
+    all_texts = [f"{t}\n{t[::-1]}" for t in texts]
+    want_sig, want_ok = hasher.signatures(all_texts)
+    assert keys.column("ehash").to_pylist() == content_hashes(table)
+    assert np.array_equal(np.frombuffer(b"".join(keys.column("sig").to_pylist()), np.uint32).reshape(len(texts), -1),
+                          want_sig)
+    assert keys.column("has_sh").to_pylist() == want_ok.tolist()
+    old = mh.doc_pieces.__defaults__  # several pieces: the per-piece loop lines documents up with their images
+    try:
+        mh.doc_pieces.__defaults__ = (piece_chars,)
+        assert KeyMaker(DedupConfig())(table).equals(keys)
+    finally:
+        mh.doc_pieces.__defaults__ = old

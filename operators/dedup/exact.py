@@ -24,20 +24,26 @@ def content_hashes_of(texts: list[str], images: list[list[bytes] | None],
     out: list[bytes | None] = []
     start = 0
     for piece in doc_pieces(texts):
-        th, counts = tokens.token_hashes(piece)
-        raw = th.tobytes()
-        pos = 0
-        for k, c in enumerate(counts.tolist()):
-            if c == 0:
-                out.append(None)
-                continue
-            h = xxhash.xxh3_128(raw[pos * 8 : (pos + c) * 8])
-            pos += c
-            for img in images[start + k] or []:
-                h.update(b"\x00img" + len(img).to_bytes(8, "little"))
-                h.update(img)
-            out.append(h.digest())
+        out += content_hashes_of_tokens(*tokens.token_hashes(piece), images[start : start + len(piece)])
         start += len(piece)
+    return out
+
+
+def content_hashes_of_tokens(th, counts, images: list[list[bytes] | None]) -> list[bytes | None]:
+    """`content_hashes_of` for one batch given its `TokenHasher.token_hashes` (token hashes, counts)."""
+    raw = th.tobytes()
+    out: list[bytes | None] = []
+    pos = 0
+    for k, c in enumerate(counts.tolist()):
+        if c == 0:
+            out.append(None)
+            continue
+        h = xxhash.xxh3_128(raw[pos * 8 : (pos + c) * 8])
+        pos += c
+        for img in images[k] or []:
+            h.update(b"\x00img" + len(img).to_bytes(8, "little"))
+            h.update(img)
+        out.append(h.digest())
     return out
 
 

@@ -233,9 +233,17 @@ class MinHasher:
             return flat, counts
         return self._fast_hashes(texts)
 
+    def signatures_of_tokens(self, th: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`signatures` of one batch from its `TokenHasher.token_hashes` (hash: fast), for a caller that has
+        them already (dedup's keys hash the same tokens for exact dedup)."""
+        hashes, counts = self._hashes_of_tokens(th, lens)
+        return self._permute_min(hashes, counts), counts > 0
+
     def _fast_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self._hashes_of_tokens(*self.tokens.token_hashes(texts))
+
+    def _hashes_of_tokens(self, th: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = self.ngram
-        th, lens = self.tokens.token_hashes(texts)
         counts = np.where(lens >= n, lens - n + 1, np.minimum(lens, 1))
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         out = np.empty(int(counts.sum()), dtype=np.uint64)
