@@ -39,24 +39,29 @@ RULE_SWITCH = {"long_zero_run": "max_zero_run", "long_char_run": "max_char_run",
                "symbol_soup": "max_symbol_char_frac", "few_words": "min_words", "many_words": "max_words",
                "short_mean_word": "min_mean_word_len", "long_mean_word": "max_mean_word_len",
                "bullet_lines": "max_bullet_lines_frac", "ellipsis_lines": "max_ellipsis_lines_frac",
-               "few_alpha_words": "min_alpha_word_frac", "few_stop_words": "min_stop_words"}
+               "few_alpha_words": "min_alpha_word_frac", "few_stop_words": "min_stop_words",
+               # one threshold holds both: switching one off switches the other off too
+               "many_hashes": "max_symbol_word_ratio", "many_ellipses": "max_symbol_word_ratio"}
 
 
 def without_rule(params, rule: str):
-    """`params` with `rule` switched off (the text rules report only the first rule that fires)."""
+    """`params` with `rule` switched off (the text rules report only the first rule that fires), or None
+    for a rule no setting switches off (the C4 / FineWeb rules' thresholds take no null)."""
     if rule.endswith("_gram"):
         field = "top_ngram_char_frac" if rule.startswith("top_") else "dup_ngram_char_frac"
         return params.model_copy(update={field: {n: f for n, f in getattr(params, field).items()
                                                  if n != int(rule.split("_")[1])}})
-    return params.model_copy(update={RULE_SWITCH.get(rule, rule): None})
+    field = RULE_SWITCH.get(rule, rule)
+    return params.model_copy(update={field: None}) if field in type(params).model_fields else None
 
 
 def firing_rules(text: str, lang: str | None, params) -> list[str]:
-    """Every text rule whose own condition holds on `text`: the first rule, then the first with it off, ..."""
+    """Every text rule whose own condition holds on `text`: the first rule, then the first with it off, ...
+    (up to a rule that cannot be switched off)."""
     from operators.text_rules import analyze
 
     fired: list[str] = []
-    while (rule := analyze(text, params, lang)[0]) and rule not in fired:
+    while params is not None and (rule := analyze(text, params, lang)[0]):
         fired.append(rule)
         params = without_rule(params, rule)
     return fired

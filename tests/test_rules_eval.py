@@ -43,3 +43,14 @@ def test_switching_a_rule_off_leaves_the_others():
     assert 7 not in q.dup_ngram_char_frac and q.dup_ngram_char_frac[5] == p.dup_ngram_char_frac[5]
     assert without_rule(p, "top_3_gram").top_ngram_char_frac == {2: 0.20, 4: 0.16}
     assert without_rule(p, "few_stop_words").min_stop_words is None and q.min_stop_words == p.min_stop_words
+    assert without_rule(p, "many_ellipses").max_symbol_word_ratio is None  # a rule named unlike its setting
+    assert without_rule(p, "c4_few_sentences") is None  # no null switches it off: the walk stops there
+
+
+def test_rules_after_a_ratio_rule_are_reported_too():
+    """An ellipsis-riddled paragraph pasted five times: the walk goes past the '...' rule (whose setting is
+    named otherwise) to the duplicated n-gram rules after it."""
+    p = TextRuleParams(ngram_min_words=0)
+    fired = firing_rules("\n\n".join([PROSE.replace(", ", "... ").replace(" the ", " the... ")] * 5), "en", p)
+    after = fired[fired.index("many_ellipses") + 1:]
+    assert "dup_5_gram" in after
