@@ -46,8 +46,10 @@ def _to_f32_exactly(y: np.ndarray, libm_fn, x: np.ndarray, margin_bits: int) -> 
     return r.reshape(shape)
 
 
-def _read_pruneidx(path: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """(pruneidx_size, buckets, rows) from a saved model's dictionary (Dictionary::save); -1 = not pruned."""
+def read_model(path: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(pruneidx_size, buckets, rows, input matrix) from a saved model (FastText::saveModel): the pruned
+    buckets from its dictionary (Dictionary::save; size -1 = not pruned), then its input matrix when it
+    is product-quantized without norms (QuantMatrix::save), else None."""
     with open(path, "rb") as f:
         f.seek(8 + 12 * 4 + 8)  # magic + version, Args::save's 12 ints and one double
         size, _nwords, _nlabels = struct.unpack("<3i", f.read(12))
@@ -57,7 +59,43 @@ def _read_pruneidx(path: str) -> tuple[int, np.ndarray, np.ndarray]:
     for _ in range(size):  # entries: word bytes, '\0', int64 count, int8 type
         pos = data.index(b"\0", pos) + 1 + 9
     pairs = np.frombuffer(data, "<i4", count=2 * max(prune_size, 0), offset=pos).reshape(-1, 2)
-    return prune_size, pairs[:, 0].copy(), pairs[:, 1].copy()
+    pos += pairs.nbytes
+    return prune_size, pairs[:, 0].copy(), pairs[:, 1].copy(), _quantized_rows(data, pos)
+
+
+def _quantized_rows(data: bytes, pos: int) -> np.ndarray | None:
+    """The rows of a product-quantized input matrix, as Vector::addRow(QuantMatrix) gives them
+    (ProductQuantizer::addcode on a zero vector: each subvector is its centroid times the row's norm, one
+    float32 product; norm 1 without qnorm), or None for a dense matrix. QuantMatrix::save writes
+    quant_input, qnorm (bools), m, n (int64), codesize (int32), the codes (uint8, nsubq per row), the
+    quantizer (dim, nsubq, dsub, lastdsub as int32, then float32 centroids, ksub = 256 per
+    subquantizer, the last one's lastdsub long), and with qnorm one uint8 norm code per row and the
+    norms' own one-dimensional quantizer."""
+    quant, qnorm = data[pos], data[pos + 1]
+    if not quant:
+        return None
+    m, n, codesize = struct.unpack_from("<2qi", data, pos + 2)
+    codes, pos = np.frombuffer(data, np.uint8, codesize, pos + 22), pos + 22 + codesize
+    (dim, nsubq, dsub, lastdsub), centroids, pos = _quantizer(data, pos)
+    if dim != n or codesize != m * nsubq:
+        return None
+    codes = codes.reshape(m, nsubq).astype(np.int64)
+    rows = np.empty((m, n), np.float32)
+    for q in range(nsubq):  # ProductQuantizer::get_centroids(q, code)
+        d = lastdsub if q == nsubq - 1 else dsub
+        rows[:, q * dsub : q * dsub + d] = centroids[(q * 256 * dsub + codes[:, q] * d)[:, None] + np.arange(d)]
+    if qnorm:
+        norm_codes = np.frombuffer(data, np.uint8, m, pos)
+        _, norms, _ = _quantizer(data, pos + m)
+        rows *= norms[norm_codes][:, None]  # addcode's alpha * c[j], in float32
+    return rows
+
+
+def _quantizer(data: bytes, pos: int) -> tuple[tuple[int, ...], np.ndarray, int]:
+    """ProductQuantizer::load at `pos`: (dim, nsubq, dsub, lastdsub), the centroids, the position after."""
+    head = struct.unpack_from("<4i", data, pos)
+    centroids = np.frombuffer(data, "<f4", head[0] * 256, pos + 16)
+    return head, centroids, pos + 16 + centroids.nbytes
 
 
 class HsTop1:
@@ -72,12 +110,14 @@ class HsTop1:
         words = model.get_words()
         self.nwords = len(words)
         self.vocab = {w: i for i, w in enumerate(words)}
-        self.prune_size, buckets, prune_rows = _read_pruneidx(path)
+        self.prune_size, buckets, prune_rows, quantized = read_model(path)
         if self.prune_size > 0:
             self.prune = np.full(self.bucket, -1, np.int32)
             self.prune[buckets] = prune_rows
         nrows = self.nwords + (self.prune_size if self.prune_size >= 0 else self.bucket)
-        if model.is_quantized():
+        if quantized is not None and len(quantized) == nrows:  # (50,000 get_input_vector calls: 0.17 s)
+            self.rows = quantized
+        elif model.is_quantized():
             self.rows = np.stack([model.get_input_vector(i) for i in range(nrows)]).astype(np.float32)
         else:
             self.rows = np.asarray(model.get_input_matrix(), np.float32)

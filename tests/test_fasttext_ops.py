@@ -120,6 +120,18 @@ def test_recomputed_top1_is_fasttexts_bit_for_bit(lid):
     assert len(small.slot) < len(lid.top1.slot)
 
 
+def test_input_rows_read_from_the_model_file_are_fasttexts(lid):
+    """lid.176.ftz's product-quantized input matrix (with its norms), decoded from the file, holds the
+    rows fastText's own get_input_vector gives, bit for bit."""
+    from operators.fasttext_lid import read_model
+
+    rows = read_model(lid_model_path())[3]
+    assert rows is not None and lid.model.is_quantized()
+    want = np.stack([lid.model.get_input_vector(i) for i in range(len(rows))]).astype(np.float32)
+    assert rows.shape == want.shape == lid.top1.rows.shape
+    assert np.array_equal(rows.view(np.uint32), want.view(np.uint32))
+
+
 def test_language_id_values_equal_predict_language(lid):
     texts = [*SENTENCES.values(), *EDGE_TEXTS, "line one\nline two\n\n", "Hello world\u2028next"]
     langs, conf = lid.predict(texts)
