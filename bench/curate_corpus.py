@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """The whole default curate config (jobs/configs/curate.yaml: structure, image checks, text rules,
 n-gram repetition, fastText language ID, exact + MinHash dedup) over the real text corpus through Ray,
-against the runner of commit bbfa868 (`git show bbfa868:pipeline/curate.py`, loaded as a module) in the
-same process, and the same runner on 1 core (CPU affinity {0}, Ray num_cpus 1) against all cores.
+against commit bbfa868 in the same process, twice, and the same runner on 1 core (CPU affinity {0}, Ray
+num_cpus 1) against all cores. The two bbfa868 figures:
+- bbfa868 as committed: its runner, its operators and its own default config (`git archive`, packages
+  renamed `<package>_bbfa868`, commit_module): what issue 11's ">= 5x commit bbfa868" (~470 docs/s then)
+  measures, the operators' speed-up included. Its rules differ from today's (issue 15 changed them), so
+  its kept ids do too; the work per row is the same kind (the same five stages and dedup).
+- bbfa868's runner with today's operators and config (`git show bbfa868:pipeline/curate.py` loaded as a
+  module, baseline_module): the data plane alone, with the same kept ids.
 Ray start-up is excluded from every figure (Ray is started and one task per core has run, then the job
 is timed), and so is each runner's first job in the process: every runner runs once, untimed, on one
 shard first (--no-warmup skips it), so the driver's lazy imports (dedup, matplotlib) do not land on
@@ -10,7 +16,7 @@ whichever run comes first; `summary.json: phase_seconds` says where the job's se
 The corpus documents become one-turn samples (the document is the assistant turn), written as
 canonical Parquet shards of 1,000 rows first (not timed).
 Usage: .venv/bin/python bench/curate_corpus.py [--corpus /tmp/text-corpus/corpus.jsonl] [--limit N]
-       [--no-baseline] [--no-one-core] [--no-warmup] [--cpu-models tasks|actors]"""
+       [--no-baseline] [--no-runner-baseline] [--no-one-core] [--no-warmup] [--cpu-models tasks|actors]"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +81,36 @@ def baseline_module():
     return mod
 
 
+PACKAGES = ("pipeline", "operators", "jobs", "model", "train")
+_IMPORT = re.compile(rf"\b(from|import)(\s+)({'|'.join(PACKAGES)})\b")
+_MODULE_NAME = re.compile(rf"([\"'])({'|'.join(PACKAGES)})\.")
+
+
+def commit_module(commit: str = BASELINE):
+    """Commit `commit` as a whole (its runner, operators and bundled default config, `git archive`), its
+    packages renamed `<package>_<commit>` so they load in this process beside today's: its imports and
+    module-name strings are rewritten. Ray's workers import them through PYTHONPATH, set here before Ray
+    starts. Returns its pipeline.curate module."""
+    root = tempfile.mkdtemp(prefix=f"curate-{commit}-")
+    src = os.path.join(root, "src")
+    os.makedirs(src)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, *PACKAGES], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    for pkg in PACKAGES:
+        shutil.move(os.path.join(src, pkg), os.path.join(root, f"{pkg}_{commit}"))
+    for py in glob.glob(f"{root}/*_{commit}/**/*.py", recursive=True):
+        with open(py) as f:
+            text = f.read()
+        text = _IMPORT.sub(rf"\1\2\3_{commit}", text)
+        text = _MODULE_NAME.sub(rf"\1\2_{commit}.", text)
+        text = text.replace('"..", "jobs"', f'"..", "jobs_{commit}"')  # its bundled config beside its packages
+        with open(py, "w") as f:
+            f.write(text)
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return importlib.import_module(f"pipeline_{commit}.curate")
+
+
 def kept_ids(out: str) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -105,7 +142,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default="/tmp/text-corpus/corpus.jsonl")
     ap.add_argument("--limit", type=int, default=20000)
-    ap.add_argument("--no-baseline", action="store_true", help=f"skip commit {BASELINE}'s runner")
+    ap.add_argument("--no-baseline", action="store_true", help=f"skip both runs of commit {BASELINE}")
+    ap.add_argument("--no-runner-baseline", action="store_true",
+                    help=f"skip commit {BASELINE}'s runner with today's operators and config (the data plane alone)")
     ap.add_argument("--no-one-core", action="store_true", help="skip the run on one core")
     ap.add_argument("--baseline-first", action="store_true", help="run the baseline before this runner (load drifts)")
     ap.add_argument("--no-warmup", action="store_true",
@@ -127,7 +166,9 @@ def main():
         cfg = cfg.model_copy(update={"cpu_models": a.cpu_models})
     print(f"docs: {n} in {len(files)} shards ({arrow_bytes / 1e6:.1f} MB as Arrow, {file_bytes / 1e6:.1f} MB "
           f"of Parquet), cores: {cores}, load average: {os.getloadavg()[0]:.1f}, cpu_models: {cfg.cpu_models}")
-    old = None if a.no_baseline else baseline_module()
+    commit = None if a.no_baseline else commit_module()  # before Ray starts: its workers need the PYTHONPATH
+    commit_cfg = None if commit is None else commit.load_curate_config(None)  # its own default config
+    old = None if a.no_baseline or a.no_runner_baseline else baseline_module()
     # the same stages for both runners, read once (the YAML may change while the bench runs)
     old_cfg = None if old is None else old.CurateConfig(  # bbfa868's config takes the YAML mappings
         stages=[s.spec() for s in cfg.stages], dedup=cfg.dedup and cfg.dedup.model_dump(exclude_unset=True),
@@ -137,6 +178,8 @@ def main():
         timed(run_curate, cfg, f"{tmp}/warm", f"{tmp}/warm-out", cores)
         if old is not None:
             timed(old.run_curate, old_cfg, f"{tmp}/warm", f"{tmp}/warm-outb", cores)
+        if commit is not None:
+            timed(commit.run_curate, commit_cfg, f"{tmp}/warm", f"{tmp}/warm-outc", cores)
         print("warm-up: each runner ran once on one shard (untimed)")
     if old is not None and a.baseline_first:
         wallb, _ = timed(old.run_curate, old_cfg, f"{tmp}/in", f"{tmp}/outb", cores)
@@ -164,6 +207,11 @@ def main():
         same = kept_ids(f"{tmp}/outb") == ids
         print(f"commit {BASELINE}'s runner, {cores} cores: {wallb:.1f} s, {n / wallb:.0f} docs/s -> this runner is "
               f"{wallb / wall:.2f}x faster; same kept ids: {same}")
+    if commit is not None:
+        wallc, sc = timed(commit.run_curate, commit_cfg, f"{tmp}/in", f"{tmp}/outc", cores)
+        print(f"commit {BASELINE} as committed (its runner, operators and default config), {cores} cores: "
+              f"{wallc:.1f} s, {n / wallc:.0f} docs/s; kept {sc['kept']}, review {sc.get('review')}, rejected "
+              f"{sc['rejected']} (its rules differ from today's) -> this runner is {wallc / wall:.2f}x faster")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     shutil.rmtree(tmp)
 
