@@ -11,7 +11,7 @@ prose scores 0.
 
 from __future__ import annotations
 
-import itertools
+import re
 from collections import Counter
 from typing import Literal
 
@@ -20,7 +20,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import REJECT, REVIEW, Operator, Verdict, conversation_texts, register
-from operators.words import CODE_LINE_FRAC, NGRAM_HASH_MIX, WORDLIKE_RE, is_code
+from operators.dedup.minhash import TokenHasher
+from operators.words import CODE_LINE_FRAC, HAN_KANA_RANGES, NGRAM_HASH_MIX, WORDLIKE_RE, is_code
 
 
 def repetition_ratio_reference(text: str, n: int = 10) -> float:
@@ -36,13 +37,10 @@ def repetition_ratio_reference(text: str, n: int = 10) -> float:
     return sum(c for c in counts.values() if c > 1) / len(grams)
 
 
-# ASCII: a non-word char becomes a space and a capital its lower case, in one pass
-_ASCII_LOWER_WORDS = str.maketrans({c: " " if not (c.isalnum() or c == "_") else c.lower() for c in map(chr, range(128))})
-
-
-def _words(text: str) -> list[str]:
-    """WORDLIKE_RE.findall(text.lower()); for ASCII, a translate + split does the same 3x faster."""
-    return text.translate(_ASCII_LOWER_WORDS).split() if text.isascii() else WORDLIKE_RE.findall(text.lower())
+def word_hasher() -> TokenHasher:
+    """WORDLIKE_RE's words of the lower-cased text (runs of word chars, each Han/kana char alone), hashed
+    in numpy over the batch's code points: no Python string per word (2.5x faster than findall + hash)."""
+    return TokenHasher(re.compile(r"\w+"), HAN_KANA_RANGES, any_cjk=True)
 
 
 def repetition_ratio(text: str, n: int = 10) -> float:
@@ -50,18 +48,17 @@ def repetition_ratio(text: str, n: int = 10) -> float:
     return float(repetition_ratios([text], n)[0])
 
 
-def repetition_ratios(texts: list[str], n: int = 10) -> np.ndarray:
-    """repetition_ratio_reference of every text, on 64-bit n-gram hashes with numpy: words hashed and n-grams
-    rolled for the whole batch at once, then one small sort per text (same values; a 64-bit hash collision
-    inside one text, ~1e-15 per text, is the only way they could differ)."""
-    words = [_words(t) for t in texts]
-    counts = np.fromiter(map(len, words), np.int64, len(words))
+def repetition_ratios(texts: list[str], n: int = 10, words: TokenHasher | None = None) -> np.ndarray:
+    """repetition_ratio_reference of every text, on 64-bit n-gram hashes with numpy: words hashed (`words`,
+    a word_hasher: its tables are built once per holder) and n-grams rolled for the whole batch at once,
+    then one small sort per text (same values; a 64-bit hash collision inside one text, ~1e-15 per text,
+    is the only way they could differ)."""
+    ids, counts = (words or word_hasher()).token_hashes(texts)
     ratios = np.zeros(len(texts), np.float64)
     m = counts - n + 1  # n-grams per text
-    total = int(counts.sum())
+    total = len(ids)
     if not (m > 0).any():
         return ratios
-    ids = np.fromiter(map(hash, itertools.chain.from_iterable(words)), np.int64, total).view(np.uint64)
     k = total - n + 1  # n-grams of the concatenation (those that cross into the next text are never read)
     h = ids[:k] * NGRAM_HASH_MIX
     for j in range(1, n):  # rolling: g_j = (g_{j-1} + id[i+j]) * MIX, wrapping modulo 2**64
@@ -98,8 +95,15 @@ class NgramRepetition(Operator):
             "review", description="review (paper §4.3: repetitive samples go to manual review) or reject"
         )
 
+    words: TokenHasher | None = None  # the word hasher, built by setup()
+
+    def setup(self) -> None:
+        self.words = word_hasher()
+
     def ratios(self, texts: list[str]) -> np.ndarray:
-        return repetition_ratios(texts, self.params.n)
+        if self.words is None:  # (an operator used without setup())
+            self.setup()
+        return repetition_ratios(texts, self.params.n, self.words)
 
     def __call__(self, table: pa.Table) -> Verdict:
         p = self.params

@@ -10,7 +10,8 @@ import re
 
 import numpy as np
 
-CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # Han and kana (Hangul is spaced)
+HAN_KANA_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))  # (Hangul is spaced)
+CJK_CHARS = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in HAN_KANA_RANGES)  # Han and kana, as a regex class
 WORDLIKE_RE = re.compile(rf"[{CJK_CHARS}]|[^\W{CJK_CHARS}]+")  # runs of letters/digits; a CJK char alone
 NGRAM_HASH_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the rolling n-gram hash
 CODE_LINE_FRAC = 0.5  # default share of code-laid-out lines that makes a text code

@@ -325,6 +325,21 @@ def test_batched_repetition_ratios_equal_the_definition_text_by_text(texts, n):
     assert repetition_ratios(texts, n).tolist() == [repetition_ratio_reference(t, n) for t in texts]
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(alphabet="ab_ 1\n!éİ図書・\u3099\U00020000\U00030001", max_size=160), max_size=5),
+       st.integers(2, 5))
+def test_numpy_words_are_the_definitions_on_any_unicode(texts, n):
+    """The n-gram screen's words come from code-point tables (ngram_repetition.word_hasher): as many as
+    WORDLIKE_RE finds in the lower-cased text (underscores, a kana mark that is no word char, 'İ' that
+    lower-cases to two code points, planes 2 and 3), and the same ratios."""
+    from operators.ngram_repetition import word_hasher
+    from operators.words import WORDLIKE_RE
+
+    words = word_hasher()
+    assert words.token_hashes(texts)[1].tolist() == [len(WORDLIKE_RE.findall(t.lower())) for t in texts]
+    assert repetition_ratios(texts, n, words).tolist() == [repetition_ratio_reference(t, n) for t in texts]
+
+
 def test_c4_and_fineweb_rule_sets_are_options():
     p = TextRuleParams(rule_sets=["gopher", "c4"], min_stop_words=None)
     sentences = PROSE + " It was a calm day. Nobody was in a hurry. The clock on the wall ticked slowly."
