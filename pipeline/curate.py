@@ -9,7 +9,8 @@ read top-down:
    signature: no content) to OUT/_verdicts/;
 2. with dedup, the global dedup over the key rows only (pipeline/dedup_stage.py), its decisions written
    per input shard (OUT/_dedup/<key>.parquet), then every shard routed with its own verdicts and decisions;
-3. the summary and plots from the merged markers (pipeline/curate_plots.py).
+3. the summary and plots from the merged markers (pipeline/curate_plots.py; with dedup, the score
+   histograms are drawn from the verdicts markers on a driver thread while step 2 runs).
 Every phase leaves markers, so a killed run resumes where it stopped and ends with the same files.
 """
 
@@ -21,7 +22,7 @@ import ray
 
 from pipeline.curate_config import CurateConfig, load_curate_config  # noqa: F401  (load_curate_config: the entry point's)
 from pipeline.curate_exec import plan_segments, route_units, run_operators  # noqa: F401  (plan_segments: tests)
-from pipeline.curate_plots import stage_thresholds, write_plots
+from pipeline.curate_plots import EarlyHistograms, stage_thresholds, write_plots
 from pipeline.distill_stage import distilled_stages
 from pipeline.io import (
     DEFAULT_ROWS_PER_SHARD,
@@ -71,6 +72,8 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
     phase_bytes = {"operators": run_operators(todo, cfg, job) if todo else 0}
     clock.lap("operators")
     dedup_stats = None
+    thresholds = stage_thresholds(cfg)
+    early = EarlyHistograms(out_dir, [u.key for u in units], thresholds) if staged else None
     if staged:
         dedup_stats, phase_bytes["dedup"] = dedup_to_shards(out_dir, units, cfg)
         clock.lap("dedup")
@@ -89,7 +92,7 @@ def run_curate(in_dir: str, out_dir: str, cfg: CurateConfig, rows_per_shard: int
     if dedup_stats:
         summary["dedup"] = dedup_stats
     clock.lap("accounting")
-    write_plots(out_dir, summary, stage_thresholds(cfg), cfg.stages)
+    write_plots(out_dir, summary, thresholds, cfg.stages, drawn=early.drawn() if early else None)
     clock.lap("plots")
     summary["phase_seconds"] = clock.laps
     write_summary(out_dir, summary)

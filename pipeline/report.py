@@ -7,12 +7,9 @@ import math
 import os
 from collections import Counter
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline.jobs import SPLITS, AccountingError  # noqa: E402, F401  (one accounting error for every job)
+from pipeline.jobs import SPLITS, AccountingError  # noqa: F401  (one accounting error for every job)
 
 
 def merge_counts(markers: list[dict], splits=SPLITS[:2]) -> dict:
@@ -67,7 +64,8 @@ def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "ro
     if not counts:
         return None
     items = sorted(counts.items(), key=lambda kv: kv[1])[-40:]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(items) + 1.2))
+    fig = Figure(figsize=(8, 0.35 * len(items) + 1.2))  # no pyplot: nothing global, any thread may draw
+    ax = fig.subplots()
     ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -75,7 +73,6 @@ def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "ro
         ax.text(v, i, f" {v:g}", va="center", fontsize=8)
     fig.tight_layout()
     _save_png(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -95,7 +92,8 @@ def binned_histogram(values: list[float], counts: list[int], path: str, title: s
     import numpy as np
 
     weights, edges = np.histogram(values, bins=bins, weights=counts)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.stairs(weights, edges, fill=True, color="#55a868")
     for t in thresholds or []:
         ax.axvline(t, color="#c44e52", linestyle="--", label=f"threshold {t:g}")
@@ -105,5 +103,4 @@ def binned_histogram(values: list[float], counts: list[int], path: str, title: s
     ax.set_ylabel("rows")
     fig.subplots_adjust(left=0.16, right=0.97, top=0.91, bottom=0.1)  # room for 6-digit counts and the title
     _save_png(fig, path)
-    plt.close(fig)
     return path

@@ -9,6 +9,7 @@ for this shard only.
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from pipeline.io import (
     write_parquet_atomic,
     write_shards,
 )
-from pipeline.jobs import Marker, StageStat, commit
+from pipeline.jobs import Histogram, Marker, StageStat, commit
 from pipeline.schema import CANONICAL
 from pipeline.verdicts import (
     CORRUPT_SHARD,
@@ -43,14 +44,21 @@ VERDICT_DIR, DECISION_DIR = "_verdicts", "_dedup"
 NO_DECISIONS = pa.schema([("_row", pa.int64()), ("dedup_rule", pa.string()), ("dup_of", pa.string())]).empty_table()
 
 
+def score_histograms(table: pa.Table) -> dict[str, Histogram]:
+    """One histogram per float score column, over all of the unit's rows (whatever their split)."""
+    return {c: Histogram().add(table.column(c).to_pylist()) for c in table.column_names
+            if c.startswith("score_") and pa.types.is_floating(table.schema.field(c).type)}
+
+
 def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shard: int,
                 dedup: pa.Table | None = None, input_rows: int | None = None,
-                stages: dict[str, StageStat] | None = None) -> dict:
+                stages: dict[str, StageStat] | None = None, histograms: dict[str, Histogram] | None = None) -> dict:
     """Write one unit's rows to kept/rejected/review and commit its marker; returns the marker (JSON).
 
     `dedup`: the unit's dedup decisions (_row, dedup_rule, dup_of); `input_rows`: the unit's input
     count from its file (jobs.count_rows; default: the table's rows), a corrupt shard's one row stands
-    for all of them; `stages`: the operators' seconds and rows on this unit."""
+    for all of them; `stages`: the operators' seconds and rows on this unit; `histograms`: its
+    score_histograms when its verdicts marker holds them already."""
     table = table.sort_by("_row")
     decision = table.column("_decision").to_numpy(zero_copy_only=False).copy()
     reject = reasons_of(table.column("reject_reason"))
@@ -62,10 +70,8 @@ def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shar
             if decision[row] != REJECT:
                 decision[row], reject[row], dup_of[row] = REJECT, Reason("dedup", rule), survivor
     n_in = table.num_rows if input_rows is None else input_rows
-    marker = Marker(key=key, input=n_in, stages=dict(stages or {}))
-    for c in table.column_names:
-        if c.startswith("score_") and pa.types.is_floating(table.schema.field(c).type):
-            marker.add_scores(c, table.column(c).to_pylist())
+    marker = Marker(key=key, input=n_in, stages=dict(stages or {}),
+                    histograms=score_histograms(table) if histograms is None else histograms)
     table = contract_reasons(table, reject, review)
     if dup_of is not None:
         table = table.append_column("dup_of", pa.array(dup_of, pa.string()))
@@ -93,7 +99,8 @@ def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shar
 
 def write_verdicts(table: pa.Table, key: str, out_dir: str, cfg: DedupConfig, stages: dict[str, StageStat]) -> None:
     """With dedup: the unit's routing state and dedup key rows (no content) to OUT/_verdicts/<key>*.parquet,
-    then its `verdicts-<key>` marker (with the operators' seconds); routing happens after the dedup."""
+    then its `verdicts-<key>` marker (the operators' seconds, the score histograms: the report draws them
+    while the dedup runs); routing happens after the dedup."""
     from pipeline.dedup_stage import row_keys
 
     # key rows of the rows still alive; repeat_time copies (`<id>#r<k>`) are deliberate upsampling, so
@@ -107,7 +114,8 @@ def write_verdicts(table: pa.Table, key: str, out_dir: str, cfg: DedupConfig, st
     write_parquet_atomic(table.drop_columns(list(CANONICAL.names)), join(out_dir, VERDICT_DIR, f"{key}.parquet"))
     write_parquet_atomic(keys, join(out_dir, VERDICT_DIR, f"{key}.keys.parquet"))
     write_marker(out_dir, f"verdicts-{key}", {"key": key, "rows": table.num_rows,
-                                              "stages": {k: vars(v) for k, v in stages.items()}})
+                                              "stages": {k: vars(v) for k, v in stages.items()},
+                                              "histograms": {k: asdict(h) for k, h in score_histograms(table).items()}})
 
 
 def route_unit(u: dict, job: dict) -> str:
@@ -125,8 +133,9 @@ def route_unit(u: dict, job: dict) -> str:
     dedup = read_parquet(dpath) if exists(dpath) else NO_DECISIONS  # no duplicates in this unit
     judged = read_marker(out_dir, f"verdicts-{u['key']}") or {}
     stages = {k: StageStat(**v) for k, v in judged.get("stages", {}).items()}
+    hists = {k: Histogram(**v) for k, v in judged["histograms"].items()} if "histograms" in judged else None
     route_table(table, out_dir, u["key"], job["fmt"], job["rows_per_shard"], dedup=dedup, input_rows=u["rows"],
-                stages=stages)
+                stages=stages, histograms=hists if error is None else None)
     return u["key"]
 
 

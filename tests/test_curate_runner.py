@@ -119,6 +119,26 @@ def test_curate_through_ray_routes_accounts_and_resumes(ray_local, tmp_path):
     assert data and all(before[k] == after[k] for k in data)
 
 
+def test_with_dedup_the_histograms_drawn_early_are_the_summarys(ray_local, tmp_path):
+    """With dedup the score histograms are drawn from the verdicts markers while the dedup runs: the very
+    figures the routed markers (the summary) give."""
+    from pipeline.curate_plots import draw_histograms, stage_thresholds
+    from pipeline.io import read_marker
+    from pipeline.jobs import Histogram
+
+    write_input(tmp_path / "in")
+    cfg = CurateConfig(stages=[{"op": "test_curate_runner:MarkerRule"}], dedup={"exact": True, "minhash": False})
+    s = run_curate(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
+    assert s["histograms"]["score_len"]["bins"] and s["input"] == 30
+    merged = Histogram()  # what the early drawing reads: the units' verdicts markers
+    for k in range(3):
+        merged.merge(Histogram(**read_marker(str(tmp_path / "out"), f"verdicts-shard-{k}")["histograms"]["score_len"]))
+    assert vars(merged) == s["histograms"]["score_len"]
+    draw_histograms(str(tmp_path / "again"), s["histograms"], stage_thresholds(cfg))
+    early, again = (tmp_path / d / "report" / "hist_score_len.png" for d in ("out", "again"))
+    assert early.read_bytes() == again.read_bytes()
+
+
 def test_corrupt_input_shard_is_reported_and_the_rest_processed(ray_local, tmp_path):
     write_input(tmp_path / "in", n_shards=2)
     (tmp_path / "in" / "kept" / "shard-9.parquet").write_bytes(b"PAR1 this is not parquet")
