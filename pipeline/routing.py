@@ -9,7 +9,6 @@ for this shard only.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -115,7 +114,7 @@ def write_verdicts(table: pa.Table, key: str, out_dir: str, cfg: DedupConfig, st
     write_parquet_atomic(keys, join(out_dir, VERDICT_DIR, f"{key}.keys.parquet"))
     write_marker(out_dir, f"verdicts-{key}", {"key": key, "rows": table.num_rows,
                                               "stages": {k: vars(v) for k, v in stages.items()},
-                                              "histograms": {k: asdict(h) for k, h in score_histograms(table).items()}})
+                                              "histograms": {k: h.to_json() for k, h in score_histograms(table).items()}})
 
 
 def route_unit(u: dict, job: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -64,6 +66,8 @@ def test_markers_round_trip_merge_and_catch_a_lost_row(tmp_path):
     m.add_rows("review", ["s1"], [["op:y", "op2:z"]])  # a review row may carry several reasons
     m.add_stage("op", 0.5, 4)
     m.add_scores("score_x", [0.11, 0.114, None])
+    m.add_operator("op", "rejected")
+    assert m.to_json() == asdict(m)  # (written without asdict's deep copy)
     commit(out, m)
     units = plan_units([])
     assert pending(out, units) == []
