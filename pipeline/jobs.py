@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.io import open_input, read_marker, shard_key, write_marker
@@ -110,6 +111,15 @@ class Histogram:
             else:
                 c[repr(self.bin_of(float(v)))] += 1
         for k, n in c.items():
+            self.bins[k] = self.bins.get(k, 0) + n
+        return self
+
+    def add_array(self, values: np.ndarray) -> Histogram:
+        """`add` of a float array (NaN = missing): each distinct value binned once."""
+        nan = np.isnan(values)
+        self.missing += int(nan.sum())
+        for v, n in zip(*(x.tolist() for x in np.unique(values[~nan], return_counts=True))):
+            k = repr(self.bin_of(v))
             self.bins[k] = self.bins.get(k, 0) + n
         return self
 

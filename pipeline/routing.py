@@ -45,7 +45,7 @@ NO_DECISIONS = pa.schema([("_row", pa.int64()), ("dedup_rule", pa.string()), ("d
 
 def score_histograms(table: pa.Table) -> dict[str, Histogram]:
     """One histogram per float score column, over all of the unit's rows (whatever their split)."""
-    return {c: Histogram().add(table.column(c).to_pylist()) for c in table.column_names
+    return {c: Histogram().add_array(table.column(c).to_numpy().astype(np.float64)) for c in table.column_names
             if c.startswith("score_") and pa.types.is_floating(table.schema.field(c).type)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -56,6 +57,9 @@ def test_histograms_merge_to_the_histogram_of_all_values(chunks):
     whole = Histogram().add([v for c in chunks for v in c])
     assert merged.bins == whole.bins and merged.missing == whole.missing
     assert sum(whole.bins.values()) + whole.missing == sum(len(c) for c in chunks)
+    # a score column's histogram (routing.score_histograms): from its float array, nulls as NaN
+    col = pa.chunked_array([pa.array(c, pa.float64()) for c in chunks], pa.float64())
+    assert Histogram().add_array(col.to_numpy().astype(np.float64)) == whole
 
 
 def test_markers_round_trip_merge_and_catch_a_lost_row(tmp_path):
