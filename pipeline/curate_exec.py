@@ -109,7 +109,7 @@ def run_segment(unit: dict, state: bytes | None, stages: list[Stage], last: bool
         state = _state_bytes(table.drop_columns(list(CANONICAL.names)))
         return {**record, "state_bytes": len(state)}, state
     if job["dedup"] is not None:
-        write_verdicts(table, unit["key"], job["out_dir"], job["dedup"], seconds)
+        write_verdicts(table, unit["key"], job["out_dir"], job["dedup"], seconds, operators.key_maker(job["dedup"]))
     else:
         route_table(table, job["out_dir"], unit["key"], job["fmt"], job["rows_per_shard"],
                     input_rows=unit["rows"], stages=seconds)

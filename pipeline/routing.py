@@ -9,6 +9,7 @@ for this shard only.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +37,9 @@ from pipeline.verdicts import (
     reasons_of,
     review_reasons_of,
 )
+
+if TYPE_CHECKING:  # (annotations only: dedup code is imported where a job uses it)
+    from pipeline.dedup_stage import KeyMaker
 
 INTERNAL = ("_shard", "_row", "_decision")
 REPEAT_SUFFIX = re.compile(r"#r\d+$")  # ids of repeat_time copies (pipeline/readers.py)
@@ -96,17 +100,18 @@ def route_table(table: pa.Table, out_dir: str, key: str, fmt: str, rows_per_shar
     return marker.to_json()
 
 
-def write_verdicts(table: pa.Table, key: str, out_dir: str, cfg: DedupConfig, stages: dict[str, StageStat]) -> None:
+def write_verdicts(table: pa.Table, key: str, out_dir: str, cfg: DedupConfig, stages: dict[str, StageStat],
+                   key_maker: KeyMaker | None = None) -> None:
     """With dedup: the unit's routing state and dedup key rows (no content) to OUT/_verdicts/<key>*.parquet,
     then its `verdicts-<key>` marker (the operators' seconds, the score histograms: the report draws them
     while the dedup runs); routing happens after the dedup."""
-    from pipeline.dedup_stage import row_keys
+    from pipeline.dedup_stage import KeyMaker
 
     # key rows of the rows still alive; repeat_time copies (`<id>#r<k>`) are deliberate upsampling, so
     # they carry `orig` and follow their original's fate instead of taking part
     alive = np.flatnonzero(table.column("_decision").to_numpy(zero_copy_only=False) != REJECT)
     alive_t = table.take(alive)
-    keys = row_keys(alive_t, cfg)
+    keys = (key_maker or KeyMaker(cfg))(alive_t)
     keys = (keys.append_column("orig", pa.array([REPEAT_SUFFIX.sub("", i) for i in keys.column("id").to_pylist()], pa.string()))
             .append_column("_shard", pa.array([key] * len(alive), pa.string()))
             .append_column("_row", alive_t.column("_row")))

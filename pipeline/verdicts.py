@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,10 @@ from pipeline.curate_config import Stage
 from pipeline.io import read_canonical
 from pipeline.jobs import StageStat
 from pipeline.schema import CANONICAL
+
+if TYPE_CHECKING:  # (annotations only: a worker without dedup never imports it)
+    from pipeline.curate_config import DedupConfig
+    from pipeline.dedup_stage import KeyMaker
 
 REASON = pa.struct([("operator", pa.string()), ("rule", pa.string())])
 ROUTING = pa.schema([("_row", pa.int64()), ("_decision", pa.int8()), ("reject_reason", REASON),
@@ -144,8 +148,18 @@ class StageOperators:
 
     def __init__(self, stages: tuple[Stage, ...] = ()):
         self.built: dict[Stage, Operator] = {}
+        self.keys: dict[str, KeyMaker] = {}  # dedup config (JSON) -> its key maker
         for stage in stages:
             self.get(stage)
+
+    def key_maker(self, cfg: DedupConfig) -> KeyMaker:
+        """The dedup key maker of `cfg`, built once per worker (its tokeniser tables take ~20 ms)."""
+        from pipeline.dedup_stage import KeyMaker
+
+        spec = cfg.model_dump_json()
+        if spec not in self.keys:
+            self.keys[spec] = KeyMaker(cfg)
+        return self.keys[spec]
 
     def get(self, stage: Stage) -> Operator:
         if stage not in self.built:
