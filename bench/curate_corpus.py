@@ -16,7 +16,7 @@ whichever run comes first; `summary.json: phase_seconds` says where the job's se
 The corpus documents become one-turn samples (the document is the assistant turn), written as
 canonical Parquet shards of 1,000 rows first (not timed).
 Usage: .venv/bin/python bench/curate_corpus.py [--corpus /tmp/text-corpus/corpus.jsonl] [--limit N]
-       [--no-baseline] [--no-runner-baseline] [--no-one-core] [--no-warmup] [--cpu-models tasks|actors]"""
+       [--no-baseline] [--no-runner-baseline] [--no-one-core] [--no-warmup] [--rounds N] [--cpu-models tasks|actors]"""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,6 +150,8 @@ def main():
     ap.add_argument("--baseline-first", action="store_true", help="run the baseline before this runner (load drifts)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip each runner's untimed warm-up job on one shard (the driver's one-time imports)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help=f"pairs of this runner and commit {BASELINE} as committed (after the first, alternating order)")
     ap.add_argument("--cpu-models", default=None, choices=["tasks", "actors"], help="override the config's cpu_models")
     a = ap.parse_args()
     os.environ["IVL_PROGRESS"] = "0"
@@ -212,6 +215,19 @@ def main():
         print(f"commit {BASELINE} as committed (its runner, operators and default config), {cores} cores: "
               f"{wallc:.1f} s, {n / wallc:.0f} docs/s; kept {sc['kept']}, review {sc.get('review')}, rejected "
               f"{sc['rejected']} (its rules differ from today's) -> this runner is {wallc / wall:.2f}x faster")
+    if commit is not None and a.rounds > 1:  # more pairs, each in the other order (load drifts)
+        ours, theirs = [wall], [wallc]
+        for r in range(1, a.rounds):
+            pair = [("this", run_curate, cfg), ("commit", commit.run_curate, commit_cfg)]
+            for who, run, c in pair[:: -1 if r % 2 else 1]:
+                (theirs if who == "commit" else ours).append(timed(run, c, f"{tmp}/in", f"{tmp}/out-{who}{r}", cores)[0])
+            print(f"round {r + 1}: this runner {ours[-1]:.1f} s, commit {BASELINE} as committed {theirs[-1]:.1f} s -> "
+                  f"{theirs[-1] / ours[-1]:.2f}x (load average {os.getloadavg()[0]:.1f})")
+        med = statistics.median
+        print(f"over {a.rounds} rounds: this runner {min(ours):.1f}-{max(ours):.1f} s (median {med(ours):.1f}), commit "
+              f"{BASELINE} as committed {min(theirs):.1f}-{max(theirs):.1f} s (median {med(theirs):.1f}) -> median "
+              f"{med(theirs) / med(ours):.2f}x, per round {min(t / o for t, o in zip(theirs, ours)):.2f}-"
+              f"{max(t / o for t, o in zip(theirs, ours)):.2f}x")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     shutil.rmtree(tmp)
 

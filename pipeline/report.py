@@ -64,14 +64,19 @@ def bar_chart(counts: dict[str, float], path: str, title: str, xlabel: str = "ro
     if not counts:
         return None
     items = sorted(counts.items(), key=lambda kv: kv[1])[-40:]
-    fig = Figure(figsize=(8, 0.35 * len(items) + 1.2))  # no pyplot: nothing global, any thread may draw
+    height = 0.35 * len(items) + 1.2
+    fig = Figure(figsize=(8, height))  # no pyplot: nothing global, any thread may draw
     ax = fig.subplots()
     ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(max(v for _, v in items), 1e-9) * 1.15)  # room for the value right of the longest bar
     for i, (_, v) in enumerate(items):
         ax.text(v, i, f" {v:g}", va="center", fontsize=8)
-    fig.tight_layout()
+    # margins from the longest label (10 pt DejaVu Sans: ~0.085 in per character), not tight_layout,
+    # which lays every text out once more: a third of a chart's time
+    left = min(0.6, (0.3 + 0.085 * max(len(k) for k, _ in items)) / 8)
+    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.4 / height, bottom=0.55 / height)
     _save_png(fig, path)
     return path
 
