@@ -125,19 +125,22 @@ def _plain_ngram(fast):
 _REFERENCES = {"text_rules": _ReferenceTextRules, "language_id": _plain_language_id, "ngram_repetition": _plain_ngram}
 
 
-def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference: bool = False):
+def time_curate_ops(texts: list[str], config: str, batch: int = 1000, reference: bool = False, suffix: str = ""):
     """The config's operators over the corpus as one-turn text samples, in one process (no Ray), each
     stage on the rows no earlier stage rejected, added columns (lang) passed on as the runner does.
     reference=True: text_rules, language_id and ngram_repetition by their plain definitions.
+    suffix: the packages of another commit loaded beside today's (`operators<suffix>`, curate_corpus.py).
     Returns (total CPU s, CPU s per operator, outcome counts, per-row decisions, per-row added columns)."""
+    import importlib
+
     import pyarrow as pa
     import yaml
 
-    from operators.base import REJECT, REVIEW, build_operator
-    from pipeline.schema import rows_to_table
-
+    base = importlib.import_module(f"operators{suffix}.base")
+    REJECT, REVIEW, build_operator = base.REJECT, base.REVIEW, base.build_operator
+    rows_to_table = importlib.import_module(f"pipeline{suffix}.schema").rows_to_table
     for mod in ("image_checks", "fasttext_ops", "text_rules", "ngram_repetition"):  # registers them (no Ray)
-        __import__(f"operators.{mod}")
+        importlib.import_module(f"operators{suffix}.{mod}")
     with open(config) as f:
         stages = yaml.safe_load(f)["stages"]
     ops = [build_operator(dict(s)) for s in stages]
@@ -211,6 +214,8 @@ def main() -> None:
     ap.add_argument("--config", default=os.path.join(ROOT, "jobs/configs/curate.yaml"))
     ap.add_argument("--skip-curate", action="store_true")
     ap.add_argument("--skip-gopher", action="store_true", help="skip the gopher_decide vs DataTrove part")
+    ap.add_argument("--no-commit", action="store_true",
+                    help="skip commit bbfa868's operators with its own default config (the issue's baseline)")
     args = ap.parse_args()
 
     texts = load_corpus(args.corpus, args.limit)
@@ -258,6 +263,16 @@ def main() -> None:
             eq = sum(a == b and (a is None or type(a) is type(b)) for a, b in zip(add[col], add_ref[col]))
             print(f"same {col} optimised vs plain: {eq} of {n}")
         print("outcomes:", dict(counts.most_common(14)))
+        if not args.no_commit:  # the issue's "today ~1,100 docs/CPU-s" was this, on its day's machine
+            from curate_corpus import BASELINE, commit_module
+
+            root = os.path.dirname(os.path.dirname(commit_module().__file__))  # pipeline_<commit>/curate.py
+            config = os.path.join(root, f"jobs_{BASELINE}", "configs", "curate.yaml")
+            t_old, per_old, _, _, _ = time_curate_ops(texts, config, suffix=f"_{BASELINE}")
+            print(f"commit {BASELINE}'s operators with its own default config, one process: {n / t_old:,.0f} "
+                  f"docs/CPU-s ({t_old:.1f} s) -> today's are {t_old / t_cur:.2f}x faster per document "
+                  "(its rules differ: see bench/curate_corpus.py)")
+            print(f"  CPU s per operator at {BASELINE}:", {k: round(v, 2) for k, v in per_old.items()})
 
 
 if __name__ == "__main__":
