@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	# a real headless browser for the page tests (Debian's Chromium + ChromeDriver; root on CI)
 	command -v chromedriver >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -q chromium chromium-driver; } || echo "chromium not installed: browser tests skip"
+	# real images and text the tests read: Openclipart drawings, Tux Paint stamps, fortunes, man pages (Debian)
+	test -d /usr/share/openclipart/png -a -d /usr/share/tuxpaint/stamps -a -f /usr/share/games/fortunes/fortunes || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openclipart-png \
+	  tuxpaint-stamps-default fortunes man-db; } || echo "Debian data packages not installed: the real-image tests fail"
 	touch $(STAMP)
 
 # vLLM's CPU build (issue 14): 0.30.0 is the newest that keeps the venv's transformers (0.31/0.32 pin
