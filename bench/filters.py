@@ -1,5 +1,6 @@
 """Text rules speed: ivl's Gopher rules (`gopher_decide`) vs DataTrove's filters, and the default curate
-config's per-row operators with the fast and the plain-definition text rules, side by side, one process.
+config's per-row operators with the fast and the plain-definition text rules, and commit bbfa868's operators
+with its own default config (the issue 11 baseline), side by side, one process.
 
 Prints docs per CPU-second (time.process_time) of each side and their ratio; for the config, CPU seconds
 per operator and how many rows get the same first reason from both text-rule versions (must be all).
