@@ -50,16 +50,18 @@ class EarlyHistograms:
 
     def __init__(self, out_dir: str, keys: list[str], thresholds: dict[str, list[float]]):
         markers = [read_marker(out_dir, f"verdicts-{k}") for k in keys]
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ivl-plots")
-        self.future = None
+        self.pool = self.future = None
         if markers and all(m is not None and "histograms" in m for m in markers):
             merged = merge([Marker(key=k, input=0, histograms={c: Histogram(**h) for c, h in m["histograms"].items()})
                             for k, m in zip(keys, markers)])["histograms"]
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="ivl-plots")
             self.future = self.pool.submit(_in_idle_time, draw_histograms, out_dir, merged, thresholds)
 
     def drawn(self) -> dict:
+        if self.future is None:
+            return {}
         try:
-            return self.future.result() if self.future is not None else {}
+            return self.future.result()
         finally:
             self.pool.shutdown()
 
